@@ -1,0 +1,1 @@
+"""Everything a client or server does with DNS: resolve and register."""

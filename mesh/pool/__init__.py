@@ -1,0 +1,1 @@
+"""Pool broadcast: host masters, gathers that always complete."""

@@ -1,0 +1,1 @@
+"""The bundled DNS responder: authoritative, RFC 2136 updates, leases."""

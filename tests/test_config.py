@@ -1,0 +1,50 @@
+from pathlib import Path
+
+import pytest
+
+from mesh.config import Settings, format_hostport, parse_hostport
+from mesh.errors import ConfigError
+
+
+def test_precedence_file_then_env_then_overrides(tmp_path: Path) -> None:
+    cfg = tmp_path / "mesh.toml"
+    cfg.write_text(
+        'zone = "file.example"\nlease = 12\nnameservers = ["127.0.0.9:53"]\n'
+    )
+    env = {"MESH_LEASE": "20", "MESH_NAMESERVERS": "127.0.0.1:5353, [::1]:5353"}
+    s = Settings.load(cfg, env=env, lease=None, max_hits=7)
+    assert s.zone == "file.example."
+    assert s.lease == 20.0
+    assert s.nameservers == ["127.0.0.1:5353", "[::1]:5353"]
+    assert s.max_hits == 7
+
+
+def test_unknown_setting_is_named(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="unknown settings: bogus"):
+        Settings.load(env={}, bogus=1)
+
+
+def test_bad_values_are_clear() -> None:
+    with pytest.raises(ConfigError, match="lease"):
+        Settings.load(env={"MESH_LEASE": "soon"})
+    with pytest.raises(ConfigError, match="out of range"):
+        Settings.load(env={"MESH_NAMESERVERS": "127.0.0.1:70000"})
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("127.0.0.1:5353", ("127.0.0.1", 5353)),
+        ("127.0.0.1", ("127.0.0.1", 53)),
+        ("[::1]:5353", ("::1", 5353)),
+        ("::1", ("::1", 53)),
+        ("ns.example:53", ("ns.example", 53)),
+    ],
+)
+def test_parse_hostport(text: str, expected: tuple[str, int]) -> None:
+    assert parse_hostport(text) == expected
+
+
+def test_format_hostport_brackets_ipv6() -> None:
+    assert format_hostport("::1", 5) == "[::1]:5"
+    assert format_hostport("127.0.0.1", 5) == "127.0.0.1:5"
