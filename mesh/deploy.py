@@ -282,7 +282,7 @@ class Supervisor:
                     entry.restarts = 0
                 entry.restarts += 1
                 state = tenacity.RetryCallState(
-                    retry_object=None, fn=None, args=(), kwargs={}
+                    retry_object=self._retrying, fn=None, args=(), kwargs={}
                 )
                 state.attempt_number = entry.restarts
                 delay = self._wait(state)
