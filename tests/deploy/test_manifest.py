@@ -1,0 +1,70 @@
+from pathlib import Path
+
+import pytest
+
+from mesh.config import Settings
+from mesh.deploy import load_manifest, plan
+from mesh.errors import ConfigError
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_local_manifest_reads() -> None:
+    m = load_manifest(ROOT / "deploy" / "local.toml")
+    assert m.zone == "mesh.internal."
+    assert [h.address for h in m.hosts] == ["127.0.0.2", "127.0.0.3"]
+    assert m.expected_records() == {"_blobstore._tcp.mesh.internal.": 4}
+    assert m.pools() == {"blobstore": ["host-a", "host-b"]}
+
+
+def test_plan_starts_responder_first_and_gives_each_host_its_runtime_dir(
+    tmp_path: Path,
+) -> None:
+    m = load_manifest(ROOT / "deploy" / "local.toml")
+    s = Settings.load(
+        env={}, state_dir=tmp_path / "state", runtime_dir=tmp_path / "run"
+    )
+    specs = plan(m, s)
+    assert specs[0].name == "responder"
+    assert [p.name for p in specs[1:]] == [
+        "host-a/blobstore-1",
+        "host-a/blobstore-2",
+        "host-b/blobstore-1",
+        "host-b/blobstore-2",
+    ]
+    assert specs[1].env["MESH_RUNTIME_DIR"] == str(tmp_path / "run" / "host-a")
+    assert specs[3].env["MESH_RUNTIME_DIR"] == str(tmp_path / "run" / "host-b")
+    assert "127.0.0.3" in specs[3].argv
+    assert specs[3].argv[specs[3].argv.index("--pool") + 1] == "blobstore"
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        ("zone = 'x.'\n", "no \\[\\[hosts\\]\\]"),
+        (
+            "[[hosts]]\n[[hosts.services]]\nname='Bad_Name'\nhandler='a:B'\n",
+            "not an RFC 6335 name",
+        ),
+        (
+            "[[hosts]]\n[[hosts.services]]\nname='svc'\nhandler='nocolon'\n",
+            "module:Class",
+        ),
+        (
+            "[[hosts]]\n[[hosts.services]]\nname='svc'\nhandler='a:B'\nreplicas=-1\n",
+            "replicas must be an integer",
+        ),
+        (
+            "[[hosts]]\naddress='127.0.0.2'\n[[hosts]]\naddress='127.0.0.2'\n",
+            "used by two hosts",
+        ),
+        ("zone = \n", "not valid TOML"),
+    ],
+)
+def test_bad_manifests_name_the_mistake(
+    tmp_path: Path, body: str, message: str
+) -> None:
+    path = tmp_path / "m.toml"
+    path.write_text(body)
+    with pytest.raises(ConfigError, match=message):
+        load_manifest(path)
