@@ -1,0 +1,1 @@
+"""Example Hit handlers; the README demo serves ``blobstore``."""
