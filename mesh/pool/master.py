@@ -1,0 +1,613 @@
+"""The host master: one of the pool's own members, relaying broadcasts.
+
+The member that wins the election (:mod:`mesh.pool.election`) runs a
+:class:`Master` on one more thread of its process. It binds two ROUTER
+sockets on ephemeral ports of its host address: one for the members of its
+host, one for the masters of other hosts. It reaches every other master
+through one DEALER per endpoint, learnt from DNS (``_master._tcp.<pool>``,
+re-resolved on a timer and whenever a peer is lost) and from the heartbeats
+peers send, which carry their endpoint: a new master announces itself to all
+the others at once instead of waiting for their next DNS lookup.
+
+Routing a broadcast
+-------------------
+The issuing member's master (the *origin*) sends ``FWD`` to every live peer,
+tells the issuer which hosts it forwarded to (``hosts``), then queues the
+request for its own members and lists them (``expect``). A peer master does
+the same for its members and sends its ``expect`` back to the origin. Each
+member's ``WORKING``/``REPLY``/``FAILED`` goes to its master, which relays it
+to the origin, which relays it to the issuer. Every master keeps a route per
+broadcast id until the broadcast's deadline, so an answer for an expired or
+unknown id has nowhere to go and is dropped.
+
+Sends never drop silently: the member ROUTER has ``ROUTER_MANDATORY`` on and
+every send is non-blocking, so an unknown identity (EHOSTUNREACH) or a full
+queue (EAGAIN) turns into an ``undeliverable`` outcome at once. A peer that
+stops heartbeating is declared lost after the liveness window and every open
+broadcast that counted on it hears ``host_lost``.
+
+Wire format (multipart): ``[kind, json header, payload?]``; from members the
+ROUTER prepends their identity (the member id).
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import json
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import zmq
+
+from mesh.pool.directory import MasterDirectory, zmq_endpoint
+from mesh.pool.election import Election, MasterRecord, process_start_time
+from mesh.pool.tracker import MemberInfo
+
+__all__ = ["Master", "encode", "decode"]
+
+log = logging.getLogger(__name__)
+
+# How often the master asks DNS for its peers when nothing else prompts it.
+# A new peer announces itself by heartbeat, so this only catches peers that
+# have not heard of us yet; a guess that keeps DNS traffic low.
+RESOLVE_INTERVAL = 2.0
+# Routes outlive their broadcast's deadline by this much so the last relays
+# still find their way; afterwards anything for that id is dropped.
+ROUTE_GRACE = 1.0
+
+
+def encode(header: dict[str, Any]) -> bytes:
+    return json.dumps(header, separators=(",", ":")).encode()
+
+
+def decode(frame: bytes) -> dict[str, Any]:
+    value = json.loads(frame)
+    if not isinstance(value, dict):
+        raise ValueError(f"header {frame[:40]!r} is not a JSON object")
+    return value
+
+
+@dataclasses.dataclass
+class _LocalMember:
+    info: MemberInfo
+    last_heard: float
+
+
+@dataclasses.dataclass
+class _Peer:
+    host: str
+    endpoint: str
+    epoch: int
+    last_heard: float
+    alive: bool = True
+
+
+@dataclasses.dataclass
+class _Route:
+    origin_host: str
+    # The issuing member's id when the broadcast started on this host.
+    issuer: str | None
+    expires: float
+    pending_members: set[str] = dataclasses.field(default_factory=set)
+    forwarded_hosts: set[str] = dataclasses.field(default_factory=set)
+
+
+class Master:
+    """Runs the master role on its own thread until :meth:`stop`."""
+
+    def __init__(
+        self,
+        context: zmq.Context[Any],
+        pool: str,
+        host: str,
+        member_id: str,
+        election: Election,
+        directory: MasterDirectory | None,
+        heartbeat_interval: float,
+        heartbeat_liveness: int,
+    ) -> None:
+        self.context = context
+        self.pool = pool
+        self.host = host
+        self.member_id = member_id
+        self.election = election
+        self.directory = directory
+        self.interval = heartbeat_interval
+        self.liveness_timeout = heartbeat_interval * heartbeat_liveness
+        self.record: MasterRecord | None = None
+        self._stop = threading.Event()
+        self._ready = threading.Event()
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(
+            target=self._run, name=f"pool-master-{pool}", daemon=True
+        )
+        self._members: dict[str, _LocalMember] = {}
+        self._peers: dict[str, _Peer] = {}
+        self._dns_endpoints: dict[str, str] = {}
+        self._dealers: dict[str, zmq.Socket[bytes]] = {}
+        self._routes: dict[str, _Route] = {}
+        self._resolve_now = True
+
+    # -- lifecycle --------------------------------------------------------------
+
+    def start(self, timeout: float = 5.0) -> MasterRecord:
+        self._thread.start()
+        if not self._ready.wait(timeout):
+            self.stop()
+            raise RuntimeError(f"master of pool {self.pool!r} did not start")
+        if self._error is not None or self.record is None:
+            raise RuntimeError(
+                f"master of pool {self.pool!r} failed: {self._error}"
+            ) from self._error
+        return self.record
+
+    def stop(self, timeout: float = 5.0) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+
+    @property
+    def running(self) -> bool:
+        return self._thread.is_alive()
+
+    # -- the thread -------------------------------------------------------------
+
+    def _run(self) -> None:
+        executor = concurrent.futures.ThreadPoolExecutor(
+            max_workers=1, thread_name_prefix=f"pool-dns-{self.pool}"
+        )
+        local = self.context.socket(zmq.ROUTER)
+        peer = self.context.socket(zmq.ROUTER)
+        withdraw: Callable[[], None] | None = None
+        try:
+            for sock in (local, peer):
+                sock.setsockopt(zmq.LINGER, 0)
+                sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
+                sock.setsockopt(zmq.IPV6, 1)
+            local_port = local.bind_to_random_port(_bind_address(self.host))
+            peer_port = peer.bind_to_random_port(_bind_address(self.host))
+            self._local = local
+            start_time = process_start_time(os.getpid()) or 0
+            self.record = MasterRecord(
+                host=self.host,
+                endpoint=zmq_endpoint(self.host, local_port),
+                peer_endpoint=zmq_endpoint(self.host, peer_port),
+                pid=os.getpid(),
+                start_time=start_time,
+                epoch=self.election.next_epoch(),
+                member_id=self.member_id,
+            )
+            self.election.write_record(self.record)
+            log.info(
+                "master of pool %r on %s: epoch %d, members %s, peers %s",
+                self.pool,
+                self.host,
+                self.record.epoch,
+                self.record.endpoint,
+                self.record.peer_endpoint,
+            )
+            self._ready.set()
+            withdraw = self._loop(local, peer, peer_port, executor)
+        except BaseException as exc:
+            self._error = exc
+            self._ready.set()
+            log.exception("master of pool %r failed", self.pool)
+        finally:
+            # A short linger lets the goodbyes leave; nothing else is waited for.
+            self._say_goodbye(local)
+            for dealer in self._dealers.values():
+                dealer.close(linger=100)
+            self._dealers.clear()
+            local.close(linger=100)
+            peer.close(linger=0)
+            if withdraw is not None:
+                try:
+                    withdraw()
+                except Exception as exc:
+                    log.warning("could not withdraw master record: %s", exc)
+            executor.shutdown(wait=False, cancel_futures=True)
+
+    def _loop(
+        self,
+        local: zmq.Socket[bytes],
+        peer: zmq.Socket[bytes],
+        peer_port: int,
+        executor: concurrent.futures.ThreadPoolExecutor,
+    ) -> Callable[[], None] | None:
+        poller = zmq.Poller()
+        poller.register(local, zmq.POLLIN)
+        poller.register(peer, zmq.POLLIN)
+        next_beat = 0.0
+        next_resolve = 0.0
+        registering: concurrent.futures.Future[Callable[[], None]] | None = None
+        withdraw: Callable[[], None] | None = None
+        resolving: concurrent.futures.Future[list[tuple[str, str]]] | None = None
+        while not self._stop.is_set():
+            now = time.monotonic()
+            if self.directory is not None:
+                if withdraw is None and registering is None:
+                    registering = executor.submit(
+                        self.directory.register, self.pool, self.host, peer_port
+                    )
+                if registering is not None and registering.done():
+                    try:
+                        withdraw = registering.result()
+                        log.info("registered master of pool %r", self.pool)
+                    except Exception as exc:
+                        log.warning("master registration failed, retrying: %s", exc)
+                    registering = None
+                if resolving is None and (self._resolve_now or now >= next_resolve):
+                    self._resolve_now = False
+                    next_resolve = now + RESOLVE_INTERVAL
+                    resolving = executor.submit(self.directory.resolve, self.pool)
+                if resolving is not None and resolving.done():
+                    try:
+                        self._on_resolved(resolving.result())
+                    except Exception as exc:
+                        log.warning(
+                            "resolving masters of %r failed: %s", self.pool, exc
+                        )
+                    resolving = None
+            if now >= next_beat:
+                next_beat = now + self.interval
+                self._heartbeat(local, now)
+            self._expire(now)
+            wait = max(0.0, min(next_beat - now, self.interval / 2))
+            for sock, _ in poller.poll(int(wait * 1000) + 1):
+                # Drain what is queued, but bounded so heartbeats stay on time.
+                for _ in range(256):
+                    try:
+                        frames = sock.recv_multipart(zmq.NOBLOCK)
+                    except zmq.Again:
+                        break
+                    try:
+                        if sock is local:
+                            self._on_local(frames, time.monotonic())
+                        else:
+                            self._on_peer(frames, time.monotonic())
+                    except (ValueError, KeyError, TypeError, IndexError) as exc:
+                        log.warning("dropping malformed pool message: %s", exc)
+        if registering is not None:
+            try:
+                withdraw = registering.result(timeout=2.0)
+            except Exception:
+                withdraw = None
+        return withdraw
+
+    # -- heartbeats and liveness ----------------------------------------------
+
+    def _heartbeat(self, local: zmq.Socket[bytes], now: float) -> None:
+        assert self.record is not None
+        beat = encode({"epoch": self.record.epoch})
+        for member_id in list(self._members):
+            member = self._members[member_id]
+            if now - member.last_heard > self.liveness_timeout:
+                self._member_lost(member_id, "heartbeats stopped")
+                continue
+            error = self._send_local(member_id, [b"HB", beat])
+            if error is not None:
+                self._member_lost(member_id, error)
+        header = encode(
+            {
+                "host": self.host,
+                "epoch": self.record.epoch,
+                "endpoint": self.record.peer_endpoint,
+            }
+        )
+        for endpoint in list(self._dealers):
+            self._send_dealer(endpoint, [b"HB", header])
+        for peer in self._peers.values():
+            if peer.alive and now - peer.last_heard > self.liveness_timeout:
+                self._peer_lost(peer, "its master stopped heartbeating")
+
+    def _member_lost(self, member_id: str, reason: str) -> None:
+        member = self._members.pop(member_id, None)
+        if member is None:
+            return
+        log.warning(
+            "pool %r lost member %s (pid %d): %s",
+            self.pool,
+            member_id,
+            member.info.pid,
+            reason,
+        )
+        for bid, route in list(self._routes.items()):
+            if route.issuer == member_id:
+                # Nobody is waiting for this broadcast any more.
+                del self._routes[bid]
+            elif member_id in route.pending_members:
+                route.pending_members.discard(member_id)
+                self._to_origin(
+                    bid, route, {"ev": "failed", "member": member_id, "reason": reason}
+                )
+
+    def _peer_lost(self, peer: _Peer, reason: str) -> None:
+        peer.alive = False
+        log.warning("pool %r lost the master of %s: %s", self.pool, peer.host, reason)
+        dealer = self._dealers.pop(peer.endpoint, None)
+        if dealer is not None:
+            dealer.close(linger=0)
+        self._resolve_now = True
+        text = f"master of {peer.host} lost: {reason}"
+        for bid, route in list(self._routes.items()):
+            if route.origin_host == peer.host and route.issuer is None:
+                del self._routes[bid]
+            elif route.issuer is not None and peer.host in route.forwarded_hosts:
+                route.forwarded_hosts.discard(peer.host)
+                self._to_origin(
+                    bid, route, {"ev": "host_lost", "host": peer.host, "reason": text}
+                )
+
+    def _expire(self, now: float) -> None:
+        for bid in [b for b, r in self._routes.items() if r.expires < now]:
+            del self._routes[bid]
+
+    # -- peers ------------------------------------------------------------------
+
+    def _on_resolved(self, masters: list[tuple[str, str]]) -> None:
+        assert self.record is not None
+        found = {ep: host for host, ep in masters if host != self.host}
+        self._dns_endpoints = found
+        for endpoint in found:
+            self._ensure_dealer(endpoint)
+        current = {p.endpoint for p in self._peers.values() if p.alive}
+        for endpoint in list(self._dealers):
+            if endpoint not in found and endpoint not in current:
+                self._dealers.pop(endpoint).close(linger=0)
+
+    def _known_hosts(self) -> set[str]:
+        return (set(self._dns_endpoints.values()) | set(self._peers)) - {self.host}
+
+    def _ensure_dealer(self, endpoint: str) -> None:
+        if endpoint in self._dealers:
+            return
+        dealer = self.context.socket(zmq.DEALER)
+        dealer.setsockopt(zmq.LINGER, 0)
+        dealer.setsockopt(zmq.IPV6, 1)
+        dealer.connect(endpoint)
+        self._dealers[endpoint] = dealer
+
+    def _send_dealer(self, endpoint: str, frames: list[bytes]) -> str | None:
+        dealer = self._dealers.get(endpoint)
+        if dealer is None:
+            return f"no connection to {endpoint}"
+        try:
+            dealer.send_multipart(frames, zmq.NOBLOCK)
+        except zmq.Again:
+            return f"send queue to {endpoint} is full"
+        return None
+
+    def _send_peer(self, host: str, frames: list[bytes]) -> str | None:
+        peer = self._peers.get(host)
+        if peer is None or not peer.alive:
+            return f"no live master known on {host}"
+        return self._send_dealer(peer.endpoint, frames)
+
+    def _on_peer(self, frames: list[bytes], now: float) -> None:
+        kind, header = frames[1], decode(frames[2])
+        host = str(header["host"])
+        if kind == b"HB":
+            self._peer_heartbeat(
+                host, str(header["endpoint"]), int(header["epoch"]), now
+            )
+        elif kind == b"FWD":
+            self._peer_heartbeat(
+                host, str(header["endpoint"]), int(header["epoch"]), now
+            )
+            bid = str(header["bid"])
+            route = _Route(
+                origin_host=host,
+                issuer=None,
+                expires=now + float(header["timeout"]) + ROUTE_GRACE,
+            )
+            self._routes[bid] = route
+            exclude = header.get("exclude")
+            self._deliver_local(
+                bid, route, exclude, float(header["timeout"]), frames[3]
+            )
+        elif kind == b"EV":
+            bid = str(header["bid"])
+            origin = self._routes.get(bid)
+            if origin is None or origin.issuer is None:
+                log.debug("dropping event for unknown broadcast %s", bid)
+                return
+            payload = frames[3] if len(frames) > 3 else b""
+            self._to_origin(bid, origin, header, payload)
+        elif kind == b"BYE":
+            peer = self._peers.get(host)
+            if (
+                peer is not None
+                and peer.alive
+                and peer.endpoint == header.get("endpoint")
+            ):
+                self._peer_lost(peer, "its master resigned")
+
+    def _peer_heartbeat(self, host: str, endpoint: str, epoch: int, now: float) -> None:
+        peer = self._peers.get(host)
+        if peer is not None and epoch < peer.epoch:
+            return  # an old master of that host, not yet dead: ignore it
+        if peer is None or peer.endpoint != endpoint or epoch != peer.epoch:
+            if peer is not None and peer.endpoint != endpoint:
+                old = self._dealers.pop(peer.endpoint, None)
+                if old is not None and peer.endpoint not in self._dns_endpoints:
+                    old.close(linger=0)
+                elif old is not None:
+                    self._dealers[peer.endpoint] = old
+            log.info(
+                "pool %r: master of %s is %s (epoch %d)",
+                self.pool,
+                host,
+                endpoint,
+                epoch,
+            )
+            peer = _Peer(host, endpoint, epoch, now)
+            self._peers[host] = peer
+            self._ensure_dealer(endpoint)
+        elif not peer.alive:
+            log.info("pool %r: master of %s is back", self.pool, host)
+        peer.alive = True
+        peer.last_heard = now
+
+    # -- local members ----------------------------------------------------------
+
+    def _send_local(self, member_id: str, frames: list[bytes]) -> str | None:
+        try:
+            self._local.send_multipart([member_id.encode(), *frames], zmq.NOBLOCK)
+        except zmq.Again:
+            return "send queue full"
+        except zmq.ZMQError as exc:
+            if exc.errno == zmq.EHOSTUNREACH:
+                return "not connected"
+            raise
+        return None
+
+    def _on_local(self, frames: list[bytes], now: float) -> None:
+        member_id = frames[0].decode()
+        kind = frames[1]
+        if kind == b"HB":
+            info = MemberInfo.from_wire(decode(frames[2]))
+            known = self._members.get(member_id)
+            if known is None:
+                log.info(
+                    "pool %r: member %s joined (pid %d)", self.pool, member_id, info.pid
+                )
+                self._members[member_id] = _LocalMember(info, now)
+            else:
+                known.last_heard = now
+            return
+        member = self._members.get(member_id)
+        if member is None:
+            log.debug("dropping %r from unknown member %s", kind, member_id)
+            return
+        member.last_heard = now
+        if kind == b"BCAST":
+            self._broadcast(member_id, decode(frames[2]), frames[3], now)
+        elif kind in (b"WORKING", b"REPLY", b"FAILED"):
+            bid = frames[2].decode()
+            route = self._routes.get(bid)
+            if route is None or member_id not in route.pending_members:
+                # Expired, unknown or already settled: late or duplicate.
+                return
+            if kind == b"WORKING":
+                self._to_origin(bid, route, {"ev": "working", "member": member_id})
+            elif kind == b"REPLY":
+                route.pending_members.discard(member_id)
+                self._to_origin(
+                    bid, route, {"ev": "reply", "member": member_id}, frames[3]
+                )
+            else:
+                route.pending_members.discard(member_id)
+                reason = frames[3].decode(errors="replace")
+                self._to_origin(
+                    bid, route, {"ev": "failed", "member": member_id, "reason": reason}
+                )
+        elif kind == b"BYE":
+            self._member_lost(member_id, "left the pool")
+
+    def _broadcast(
+        self, issuer: str, header: dict[str, Any], payload: bytes, now: float
+    ) -> None:
+        assert self.record is not None
+        bid = str(header["bid"])
+        timeout = float(header["timeout"])
+        exclude = None if header.get("include_self", True) else issuer
+        route = _Route(self.host, issuer, now + timeout + ROUTE_GRACE)
+        self._routes[bid] = route
+        fwd = encode(
+            {
+                "bid": bid,
+                "host": self.host,
+                "epoch": self.record.epoch,
+                "endpoint": self.record.peer_endpoint,
+                "timeout": timeout,
+                "exclude": exclude,
+            }
+        )
+        unreachable: dict[str, str] = {}
+        for host in sorted(self._known_hosts()):
+            error = self._send_peer(host, [b"FWD", fwd, payload])
+            if error is None:
+                route.forwarded_hosts.add(host)
+            else:
+                unreachable[host] = error
+        self._to_origin(
+            bid,
+            route,
+            {
+                "ev": "hosts",
+                "forwarded": sorted(route.forwarded_hosts | {self.host}),
+                "unreachable": unreachable,
+            },
+        )
+        self._deliver_local(bid, route, exclude, timeout, payload)
+
+    def _deliver_local(
+        self,
+        bid: str,
+        route: _Route,
+        exclude: str | None,
+        timeout: float,
+        payload: bytes,
+    ) -> None:
+        targets = [m for m in self._members.values() if m.info.id != exclude]
+        route.pending_members = {m.info.id for m in targets}
+        # The list goes out before the requests, so the origin knows every
+        # member before any of their answers can arrive.
+        self._to_origin(
+            bid,
+            route,
+            {
+                "ev": "expect",
+                "host": self.host,
+                "members": [m.info.to_wire() for m in targets],
+            },
+        )
+        request = encode({"timeout": timeout})
+        for member in targets:
+            error = self._send_local(
+                member.info.id, [b"REQ", bid.encode(), request, payload]
+            )
+            if error is not None:
+                route.pending_members.discard(member.info.id)
+                self._to_origin(
+                    bid,
+                    route,
+                    {"ev": "undeliverable", "member": member.info.id, "reason": error},
+                )
+
+    def _to_origin(
+        self, bid: str, route: _Route, event: dict[str, Any], payload: bytes = b""
+    ) -> None:
+        event = {**event, "bid": bid, "host": event.get("host", self.host)}
+        frames = [b"EV", encode(event), payload]
+        if route.issuer is not None:
+            error = self._send_local(route.issuer, frames)
+            if error is not None:
+                log.debug("issuer of %s is gone (%s); dropping its route", bid, error)
+                self._routes.pop(bid, None)
+        else:
+            error = self._send_peer(route.origin_host, frames)
+            if error is not None:
+                log.debug("cannot relay %s to %s: %s", bid, route.origin_host, error)
+
+    def _say_goodbye(self, local: zmq.Socket[bytes]) -> None:
+        """On a clean exit, tell members and peers so they move on at once."""
+        if self.record is None or not hasattr(self, "_local"):
+            return
+        for member_id in list(self._members):
+            self._send_local(
+                member_id, [b"RESIGN", encode({"epoch": self.record.epoch})]
+            )
+        bye = encode({"host": self.host, "endpoint": self.record.peer_endpoint})
+        for endpoint in list(self._dealers):
+            self._send_dealer(endpoint, [b"BYE", bye])
+
+
+def _bind_address(host: str) -> str:
+    # bind_to_random_port wants the endpoint without a port.
+    return zmq_endpoint(host, 0).rsplit(":", 1)[0]

@@ -1,0 +1,663 @@
+"""A pool member: an embeddable component that answers and sends broadcasts.
+
+Threads and sockets
+-------------------
+A :class:`PoolMember` runs one *member thread* that owns every socket it
+uses: a DEALER to the host master, an inproc ROUTER where ``broadcast()``
+callers talk to it and an inproc PULL for handler results. Handlers run on
+a separate *worker thread* (so a slow handler never stops heartbeats); it
+owns one inproc PUSH. Each ``broadcast()`` call makes, uses and closes its own
+inproc DEALER on the calling thread and runs a
+:class:`~mesh.pool.tracker.GatherTracker` there. The member thread also takes
+part in the election; when it wins, a :class:`~mesh.pool.master.Master`
+thread starts in the same process. No socket crosses threads (C08).
+
+Times with the defaults (heartbeat 250 ms x liveness 4)
+------------------------------------------------------
+Let ``i`` be ``heartbeat_interval`` and ``L = i * heartbeat_liveness``.
+
+- A member that dies is failed in every open broadcast after at most ``L``
+  (1 s) of silence; one whose socket goes away is failed on the master's next
+  heartbeat send (``i``, 250 ms).
+- A crashed master frees its lock at once; the members poll the lock every
+  ``i``, so a new master is bound and recorded within about ``i`` (plus the
+  DNS registration, a few ms on a local responder). Members read the new
+  record on the same tick, so failover completes within about ``2 i``
+  (0.5 s) after the crash. Remote masters learn the new endpoint from its
+  first heartbeat, immediately, or from DNS within ``RESOLVE_INTERVAL``.
+- A hung master is voted out after ``L`` of silence (1 s); the vote needs
+  one more tick for the other voters (``i``) and the kill plus takeover adds
+  about ``2 i``: about ``L + 3 i`` (1.75 s), inside the 3 s goal.
+- A master that exits cleanly tells its members (``RESIGN``); they try the
+  lock on the spot, so a successor takes over within one loop turn.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import itertools
+import json
+import logging
+import os
+import queue
+import secrets
+import signal
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import zmq
+
+from mesh.config import Settings
+from mesh.errors import MasterUnavailable, PoolError
+from mesh.pool.directory import DnsDirectory, MasterDirectory
+from mesh.pool.election import (
+    Election,
+    MasterRecord,
+    MasterState,
+    MasterWatch,
+    kill_quorum,
+    process_alive,
+    process_start_time,
+)
+from mesh.pool.master import Master, decode, encode
+from mesh.pool.tracker import BroadcastResult, GatherTracker, MemberInfo
+
+__all__ = ["PoolMember", "demo_handler", "main"]
+
+log = logging.getLogger(__name__)
+
+#: Default budget of a broadcast when the caller gives no deadline.
+DEFAULT_TIMEOUT = 10.0
+
+_ids = itertools.count()
+
+
+class PoolMember:
+    """One member of ``pool`` on this host, to embed in a server process.
+
+    ``on_broadcast`` runs on the member's worker thread for every broadcast
+    it receives, one at a time; its return value is the reply and an
+    exception becomes a ``failed`` outcome carrying the exception's text.
+
+    ``directory`` is how masters find each other; by default DNS through
+    ``settings`` (``None`` disables it: a single-host pool). ``eligible=False``
+    keeps this member out of the election, for short-lived members such as
+    ``mesh broadcast``.
+    """
+
+    def __init__(
+        self,
+        pool: str,
+        settings: Settings,
+        on_broadcast: Callable[[bytes], bytes],
+        host_address: str = "127.0.0.1",
+        *,
+        directory: MasterDirectory | None | str = "dns",
+        eligible: bool = True,
+        member_id: str | None = None,
+    ) -> None:
+        self.pool = pool
+        self.settings = settings
+        self.on_broadcast = on_broadcast
+        self.host = host_address
+        self.eligible = eligible
+        pid = os.getpid()
+        self.info = MemberInfo(
+            member_id or f"{host_address}-{pid}-{secrets.token_hex(3)}",
+            host_address,
+            pid,
+        )
+        self._directory_spec = directory
+        self.interval = settings.heartbeat_interval
+        self.liveness_timeout = (
+            settings.heartbeat_interval * settings.heartbeat_liveness
+        )
+        self._context: zmq.Context[Any] = zmq.Context()
+        self._cmd_endpoint = f"inproc://pool-member-{self.info.id}"
+        self._results_endpoint = f"inproc://pool-results-{self.info.id}"
+        self._stop = threading.Event()
+        self._bound = threading.Event()
+        self._master_ok = threading.Event()
+        self._problem = "no master yet"
+        self._hung = False
+        self._jobs: queue.Queue[tuple[str, bytes] | None] = queue.Queue()
+        self._thread = threading.Thread(
+            target=self._run, name=f"pool-member-{pool}", daemon=True
+        )
+        self._worker = threading.Thread(
+            target=self._work, name=f"pool-worker-{pool}", daemon=True
+        )
+        self._master: Master | None = None
+        self._epoch = 0
+        self._started = False
+        self._closed = False
+
+    # -- public -------------------------------------------------------------
+
+    @property
+    def is_master(self) -> bool:
+        return self._master is not None and self._master.running
+
+    @property
+    def epoch(self) -> int:
+        """Epoch of the master this member is connected to (0: none yet)."""
+        return self._epoch
+
+    def start(self, timeout: float = 5.0) -> None:
+        """Start the threads; returns once the member is listening."""
+        if self._started:
+            return
+        self._started = True
+        self._thread.start()
+        if not self._bound.wait(timeout):
+            raise PoolError(f"pool member {self.info.id!r} did not start")
+        self._worker.start()
+
+    def wait_for_master(self, timeout: float) -> bool:
+        """Wait until connected to a live master; False when ``timeout`` ran out."""
+        return self._master_ok.wait(timeout)
+
+    def broadcast(
+        self,
+        payload: bytes,
+        deadline: float | None = None,
+        *,
+        timeout: float | None = None,
+        include_self: bool = True,
+        quorum: int | None = None,
+    ) -> BroadcastResult:
+        """Send ``payload`` to every member of the pool and gather the replies.
+
+        ``deadline`` is a ``time.monotonic()`` value; ``timeout`` is relative
+        seconds (default 10 s) and is used when no deadline is given. Returns
+        when every expected member has an outcome, when ``quorum`` members
+        replied, or at the deadline, whichever is first.
+
+        :raises MasterUnavailable: this host has no usable master (none
+            elected within the liveness window, or it is hung and killing it
+            is disabled).
+        """
+        if not self._started or self._closed:
+            raise PoolError(f"pool member {self.info.id!r} is not running")
+        now = time.monotonic()
+        if deadline is None:
+            deadline = now + (DEFAULT_TIMEOUT if timeout is None else timeout)
+        if not self._master_ok.is_set():
+            if self._hung:
+                raise MasterUnavailable(self._problem)
+            wait = min(deadline - now, 2 * self.liveness_timeout)
+            if not self._master_ok.wait(max(0.0, wait)):
+                raise MasterUnavailable(
+                    f"pool {self.pool!r} has no usable master on {self.host}: "
+                    f"{self._problem}"
+                )
+        bid = f"{self.info.id}-{next(_ids)}-{secrets.token_hex(4)}"
+        tracker = GatherTracker(bid, deadline, quorum)
+        sock = self._context.socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        try:
+            sock.connect(self._cmd_endpoint)
+            header = {
+                "bid": bid,
+                "timeout": max(0.0, deadline - time.monotonic()),
+                "include_self": include_self,
+            }
+            sock.send_multipart([b"BCAST", encode(header), payload])
+            while True:
+                now = time.monotonic()
+                tracker.tick(now)
+                if tracker.done:
+                    break
+                if not sock.poll(int(tracker.timeout(now) * 1000) + 1):
+                    continue
+                frames = sock.recv_multipart()
+                if frames[0] == b"ERR":
+                    raise MasterUnavailable(frames[1].decode())
+                _feed(tracker, decode(frames[1]), frames[2], time.monotonic())
+            with contextlib.suppress(zmq.ZMQError):
+                sock.send_multipart([b"DONE", bid.encode()], zmq.NOBLOCK)
+        except zmq.ContextTerminated:
+            raise PoolError(f"pool member {self.info.id!r} closed") from None
+        finally:
+            sock.close(linger=0)
+        return tracker.result()
+
+    def close(self, timeout: float = 5.0) -> None:
+        """Leave the pool: stop the master role if held, then the threads."""
+        if self._closed:
+            return
+        self._closed = True
+        self._stop.set()
+        self._jobs.put(None)
+        if self._started:
+            self._thread.join(timeout)
+            self._worker.join(timeout)
+        self._context.term()
+
+    def __enter__(self) -> PoolMember:
+        self.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    # -- the worker thread --------------------------------------------------
+
+    def _work(self) -> None:
+        push = self._context.socket(zmq.PUSH)
+        push.setsockopt(zmq.LINGER, 0)
+        push.connect(self._results_endpoint)
+        try:
+            while True:
+                job = self._jobs.get()
+                if job is None:
+                    return
+                bid, payload = job
+                try:
+                    reply = self.on_broadcast(payload)
+                    frames = [bid.encode(), b"ok", bytes(reply)]
+                except Exception as exc:
+                    log.debug("handler failed for %s: %r", bid, exc)
+                    frames = [
+                        bid.encode(),
+                        b"err",
+                        f"{type(exc).__name__}: {exc}".encode(),
+                    ]
+                push.send_multipart(frames)
+        except zmq.ContextTerminated:
+            return
+        finally:
+            push.close(linger=0)
+
+    # -- the member thread --------------------------------------------------
+
+    def _run(self) -> None:
+        cmd = self._context.socket(zmq.ROUTER)
+        cmd.setsockopt(zmq.LINGER, 0)
+        cmd.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        results = self._context.socket(zmq.PULL)
+        results.setsockopt(zmq.LINGER, 0)
+        dealer: zmq.Socket[bytes] | None = None
+        election: Election | None = None
+        try:
+            cmd.bind(self._cmd_endpoint)
+            results.bind(self._results_endpoint)
+            election = Election(self.settings.runtime_dir, self.pool, self.info.id)
+            election.join(self.info.pid, process_start_time(self.info.pid) or 0)
+            self._bound.set()
+            dealer = self._loop(cmd, results, election)
+        except Exception:
+            log.exception("pool member %s failed", self.info.id)
+        finally:
+            self._bound.set()
+            self._master_ok.clear()
+            if dealer is not None:
+                with contextlib.suppress(zmq.ZMQError):
+                    dealer.send_multipart([b"BYE"], zmq.NOBLOCK)
+                dealer.close(linger=100)
+            if self._master is not None:
+                self._master.stop()
+                self._master = None
+            if election is not None:
+                election.release()
+                election.leave()
+            cmd.close(linger=0)
+            results.close(linger=0)
+
+    def _loop(
+        self,
+        cmd: zmq.Socket[bytes],
+        results: zmq.Socket[bytes],
+        election: Election,
+    ) -> zmq.Socket[bytes] | None:
+        watch = MasterWatch(self.liveness_timeout)
+        dealer: zmq.Socket[bytes] | None = None
+        callers: dict[str, tuple[bytes, float]] = {}
+        working: set[str] = set()
+        voted_epoch = 0
+        reported_epoch = 0
+        next_tick = 0.0
+        me = encode(self.info.to_wire())
+        while not self._stop.is_set():
+            now = time.monotonic()
+            if now >= next_tick:
+                next_tick = now + self.interval
+                # -- election: take the lock if free, follow the record ---------
+                if self.eligible and election.try_acquire():
+                    if self._master is None or not self._master.running:
+                        self._become_master(election)
+                record = election.read_record()
+                if watch.observe_record(record, now):
+                    if callers:
+                        self._master_lost(cmd, callers, "master of this host changed")
+                    if dealer is not None:
+                        dealer.close(linger=0)
+                        dealer = None
+                    self._master_ok.clear()
+                    self._hung = False
+                    if record is not None:
+                        dealer = self._connect(record)
+                        self._epoch = record.epoch
+                        election.prune_votes(record.epoch)
+                alive = record is not None and process_alive(
+                    record.pid, record.start_time
+                )
+                state = watch.state(now, alive)
+                if state is MasterState.HEALTHY:
+                    self._master_ok.set()
+                    self._hung = False
+                else:
+                    self._master_ok.clear()
+                    self._problem = f"master state {state.value}"
+                if state in (MasterState.NONE, MasterState.HUNG) and callers:
+                    self._master_lost(
+                        cmd, callers, f"master of this host {state.value}"
+                    )
+                if state is MasterState.HUNG and record is not None:
+                    self._on_hung(
+                        election,
+                        record,
+                        watch.silent_for(now),
+                        voted_epoch != record.epoch,
+                        reported_epoch != record.epoch,
+                    )
+                    voted_epoch = reported_epoch = record.epoch
+                # -- heartbeats and WORKING ----------------------------------
+                if dealer is not None:
+                    self._send(dealer, [b"HB", me])
+                    for bid in working:
+                        self._send(dealer, [b"WORKING", bid.encode()])
+                for bid in [b for b, (_, exp) in callers.items() if exp < now]:
+                    del callers[bid]
+            wait = max(0.0, next_tick - time.monotonic())
+            poller = zmq.Poller()
+            poller.register(cmd, zmq.POLLIN)
+            poller.register(results, zmq.POLLIN)
+            if dealer is not None:
+                poller.register(dealer, zmq.POLLIN)
+            ready = dict(poller.poll(int(wait * 1000) + 1))
+            now = time.monotonic()
+            if dealer is not None and dealer in ready:
+                while True:
+                    try:
+                        frames = dealer.recv_multipart(zmq.NOBLOCK)
+                    except zmq.Again:
+                        break
+                    kind = frames[0]
+                    watch.heard(now)
+                    if kind == b"REQ":
+                        bid = frames[1].decode()
+                        if bid not in working:
+                            working.add(bid)
+                            self._jobs.put((bid, frames[3]))
+                            self._send(dealer, [b"WORKING", frames[1]])
+                    elif kind == b"EV":
+                        event = decode(frames[1])
+                        caller = callers.get(str(event.get("bid")))
+                        if caller is not None:
+                            self._to_caller(cmd, caller[0], frames)
+                    elif kind == b"RESIGN":
+                        log.info("master of pool %r resigned", self.pool)
+                        next_tick = now
+            if results in ready:
+                while True:
+                    try:
+                        bid_raw, status, body = results.recv_multipart(zmq.NOBLOCK)
+                    except zmq.Again:
+                        break
+                    working.discard(bid_raw.decode())
+                    if dealer is not None:
+                        kind = b"REPLY" if status == b"ok" else b"FAILED"
+                        self._send(dealer, [kind, bid_raw, body])
+            if cmd in ready:
+                while True:
+                    try:
+                        frames = cmd.recv_multipart(zmq.NOBLOCK)
+                    except zmq.Again:
+                        break
+                    caller_id, kind = frames[0], frames[1]
+                    if kind == b"DONE":
+                        callers.pop(frames[2].decode(), None)
+                        continue
+                    header = decode(frames[2])
+                    if dealer is None or not self._master_ok.is_set():
+                        self._to_caller(
+                            cmd, caller_id, [b"ERR", self._problem.encode()]
+                        )
+                        continue
+                    bid = str(header["bid"])
+                    callers[bid] = (caller_id, now + float(header["timeout"]) + 1.0)
+                    if not self._send(dealer, [b"BCAST", frames[2], frames[3]]):
+                        callers.pop(bid)
+                        self._to_caller(
+                            cmd, caller_id, [b"ERR", b"master send queue full"]
+                        )
+        return dealer
+
+    def _become_master(self, election: Election) -> None:
+        directory = self._make_directory()
+        master = Master(
+            self._context,
+            self.pool,
+            self.host,
+            self.info.id,
+            election,
+            directory,
+            self.interval,
+            self.settings.heartbeat_liveness,
+        )
+        try:
+            record = master.start()
+        except Exception as exc:
+            log.warning("could not become master of pool %r: %s", self.pool, exc)
+            election.release()
+            return
+        self._master = master
+        log.info(
+            "this member is now master of pool %r (epoch %d)", self.pool, record.epoch
+        )
+
+    def _make_directory(self) -> MasterDirectory | None:
+        spec = self._directory_spec
+        if spec == "dns":
+            try:
+                return DnsDirectory.from_settings(self.settings)
+            except Exception as exc:
+                log.warning("no DNS directory for pool %r: %s", self.pool, exc)
+                return None
+        if isinstance(spec, str):
+            raise PoolError(f"unknown directory {spec!r}")
+        return spec
+
+    def _connect(self, record: MasterRecord) -> zmq.Socket[bytes]:
+        dealer: zmq.Socket[bytes] = self._context.socket(zmq.DEALER)
+        dealer.setsockopt(zmq.LINGER, 0)
+        dealer.setsockopt(zmq.IDENTITY, self.info.id.encode())
+        dealer.setsockopt(zmq.IPV6, 1)
+        dealer.connect(record.endpoint)
+        log.info(
+            "member %s follows master pid %d of pool %r (epoch %d)",
+            self.info.id,
+            record.pid,
+            self.pool,
+            record.epoch,
+        )
+        return dealer
+
+    def _on_hung(
+        self,
+        election: Election,
+        record: MasterRecord,
+        silent: float,
+        first_time: bool,
+        report: bool,
+    ) -> None:
+        if record.pid == self.info.pid:
+            return
+        if not self.settings.kill_hung_master:
+            self._hung = True
+            self._problem = (
+                f"master pid {record.pid} of pool {self.pool!r} on {self.host} is "
+                f"hung (silent {silent:.1f}s) and kill_hung_master is off"
+            )
+            if report:
+                log.warning("%s", self._problem)
+                election.vote(record.epoch)
+            return
+        if first_time:
+            log.warning(
+                "master pid %d of pool %r silent for %.1fs: voting it hung",
+                record.pid,
+                self.pool,
+                silent,
+            )
+        election.vote(record.epoch)
+        voters = election.votes(record.epoch)
+        live = election.live_members()
+        if kill_quorum(voters, live, record.member_id) and election.claim_kill(
+            record.epoch
+        ):
+            election.kill_master(record)
+
+    def _master_lost(
+        self,
+        cmd: zmq.Socket[bytes],
+        callers: dict[str, tuple[bytes, float]],
+        reason: str,
+    ) -> None:
+        for bid, (caller_id, _) in callers.items():
+            event = encode({"bid": bid, "ev": "master_lost", "reason": reason})
+            self._to_caller(cmd, caller_id, [b"EV", event, b""])
+        callers.clear()
+
+    @staticmethod
+    def _to_caller(
+        cmd: zmq.Socket[bytes], caller_id: bytes, frames: list[bytes]
+    ) -> None:
+        try:
+            cmd.send_multipart([caller_id, *frames], zmq.NOBLOCK)
+        except zmq.ZMQError as exc:
+            # The caller gave up (returned or timed out); nobody to tell.
+            log.debug("broadcast caller gone: %s", exc)
+
+    @staticmethod
+    def _send(dealer: zmq.Socket[bytes], frames: list[bytes]) -> bool:
+        try:
+            dealer.send_multipart(frames, zmq.NOBLOCK)
+        except zmq.Again:
+            log.warning("send queue to the master is full; message not sent")
+            return False
+        return True
+
+
+def _feed(
+    tracker: GatherTracker, event: dict[str, Any], payload: bytes, now: float
+) -> None:
+    bid = str(event.get("bid"))
+    kind = event.get("ev")
+    if kind == "hosts":
+        tracker.on_hosts(bid, event["forwarded"], event["unreachable"], now)
+    elif kind == "expect":
+        members = [MemberInfo.from_wire(m) for m in event["members"]]
+        tracker.on_expect(bid, str(event["host"]), members, now)
+    elif kind == "working":
+        tracker.on_working(bid, str(event["member"]), now)
+    elif kind == "reply":
+        tracker.on_reply(bid, str(event["member"]), payload, now)
+    elif kind == "failed":
+        tracker.on_failed(bid, str(event["member"]), str(event["reason"]), now)
+    elif kind == "undeliverable":
+        tracker.on_undeliverable(bid, str(event["member"]), str(event["reason"]), now)
+    elif kind == "host_lost":
+        tracker.on_host_lost(bid, str(event["host"]), str(event["reason"]), now)
+    elif kind == "master_lost":
+        tracker.on_master_lost(bid, str(event["reason"]), now)
+
+
+def demo_handler(host: str) -> Callable[[bytes], bytes]:
+    """A handler for tests and demos, steered by the payload.
+
+    ``sleep:<seconds>:<rest>`` sleeps first; ``fail:<text>`` raises. The reply
+    is ``<host>/<pid>:`` followed by the payload.
+    """
+    prefix = f"{host}/{os.getpid()}:".encode()
+
+    def handle(payload: bytes) -> bytes:
+        if payload.startswith(b"sleep:"):
+            _, seconds, _ = payload.split(b":", 2)
+            time.sleep(float(seconds))
+        elif payload.startswith(b"fail:"):
+            raise RuntimeError(payload[5:].decode(errors="replace"))
+        return prefix + payload
+
+    return handle
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m mesh.pool.member``: run one member until SIGTERM/SIGINT."""
+    from mesh.cli import add_settings_arguments, settings_from_args
+
+    parser = argparse.ArgumentParser(prog="python -m mesh.pool.member")
+    add_member_arguments(parser)
+    add_settings_arguments(parser)
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose > 1 else logging.INFO,
+        format="%(asctime)s %(process)d %(levelname)s %(name)s: %(message)s",
+    )
+    return run_member(args, settings_from_args(args, **settings_overrides(args)))
+
+
+def add_member_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--pool", required=True, help="pool name")
+    parser.add_argument(
+        "--host", default="127.0.0.1", help="this host's address (default 127.0.0.1)"
+    )
+    parser.add_argument(
+        "--no-dns",
+        action="store_true",
+        help="do not look for masters of other hosts (a single-host pool)",
+    )
+    parser.add_argument("--heartbeat-interval", type=float, help="seconds")
+    parser.add_argument("--heartbeat-liveness", type=int, help="missed heartbeats")
+    parser.add_argument(
+        "--no-kill-hung-master",
+        action="store_true",
+        help="report a hung master instead of killing it",
+    )
+
+
+def settings_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    return {
+        "heartbeat_interval": args.heartbeat_interval,
+        "heartbeat_liveness": args.heartbeat_liveness,
+        "kill_hung_master": False if args.no_kill_hung_master else None,
+    }
+
+
+def run_member(args: argparse.Namespace, settings: Settings) -> int:
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    member = PoolMember(
+        args.pool,
+        settings,
+        demo_handler(args.host),
+        args.host,
+        directory=None if args.no_dns else "dns",
+    )
+    member.start()
+    print(json.dumps({"member": member.info.id, "pid": member.info.pid}), flush=True)
+    try:
+        while not stop.wait(0.5):
+            pass
+    finally:
+        member.close()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
