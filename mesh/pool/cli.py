@@ -27,6 +27,9 @@ def add_commands(sub: argparse._SubParsersAction[Any]) -> None:
     )
     bcast.add_argument("--quorum", type=int, help="return after this many replies")
     bcast.add_argument("--no-dns", action="store_true", help="this host only")
+    bcast.add_argument(
+        "--directory-dir", help="shared directory of masters instead of DNS"
+    )
     bcast.add_argument("payload", help="the request, sent as UTF-8")
     add_settings_arguments(bcast)
     bcast.set_defaults(func=_broadcast)
@@ -43,7 +46,7 @@ def add_commands(sub: argparse._SubParsersAction[Any]) -> None:
 
 def _broadcast(args: argparse.Namespace) -> int:
     from mesh.cli import settings_from_args
-    from mesh.pool.member import PoolMember
+    from mesh.pool.member import PoolMember, directory_from_args
 
     settings = settings_from_args(args)
 
@@ -57,7 +60,7 @@ def _broadcast(args: argparse.Namespace) -> int:
         settings,
         refuse,
         args.host,
-        directory=None if args.no_dns else "dns",
+        directory=directory_from_args(args),
     )
     with member:
         result = member.broadcast(

@@ -9,8 +9,12 @@ so tests can run masters without a DNS server and the DNS half can be swapped
 from __future__ import annotations
 
 import ipaddress
+import json
 import logging
+import os
+import tempfile
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 from mesh.errors import ServiceNotFound
@@ -20,6 +24,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "DnsDirectory",
+    "FileDirectory",
     "MasterDirectory",
     "master_service_name",
     "zmq_endpoint",
@@ -109,5 +114,45 @@ class DnsDirectory:
 
         def withdraw() -> None:
             registration.close()
+
+        return withdraw
+
+
+class FileDirectory:
+    """Masters advertised as files in one shared directory.
+
+    For machines without a DNS server and for tests that run several "hosts"
+    on one machine; every host must see the same directory.
+    """
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = Path(path)
+
+    def resolve(self, pool: str) -> list[tuple[str, str]]:
+        found = []
+        for entry in sorted((self.path / pool).glob("*.json")):
+            try:
+                data = json.loads(entry.read_text())
+                found.append((str(data["host"]), str(data["endpoint"])))
+            except (OSError, ValueError, KeyError):
+                continue
+        return found
+
+    def register(self, pool: str, host: str, port: int) -> Callable[[], None]:
+        folder = self.path / pool
+        folder.mkdir(parents=True, exist_ok=True)
+        entry = folder / f"{_host_label(host)}.json"
+        text = json.dumps({"host": host, "endpoint": zmq_endpoint(host, port)})
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=".")
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, entry)
+
+        def withdraw() -> None:
+            try:
+                if entry.read_text() == text:
+                    entry.unlink()
+            except FileNotFoundError:
+                pass
 
         return withdraw

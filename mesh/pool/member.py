@@ -52,7 +52,7 @@ import zmq
 
 from mesh.config import Settings
 from mesh.errors import MasterUnavailable, PoolError
-from mesh.pool.directory import DnsDirectory, MasterDirectory
+from mesh.pool.directory import DnsDirectory, FileDirectory, MasterDirectory
 from mesh.pool.election import (
     Election,
     MasterRecord,
@@ -621,6 +621,11 @@ def add_member_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="do not look for masters of other hosts (a single-host pool)",
     )
+    parser.add_argument(
+        "--directory-dir",
+        help="find other hosts' masters through files in this shared directory "
+        "instead of DNS",
+    )
     parser.add_argument("--heartbeat-interval", type=float, help="seconds")
     parser.add_argument("--heartbeat-liveness", type=int, help="missed heartbeats")
     parser.add_argument(
@@ -638,6 +643,14 @@ def settings_overrides(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+def directory_from_args(args: argparse.Namespace) -> MasterDirectory | None | str:
+    if args.no_dns:
+        return None
+    if args.directory_dir:
+        return FileDirectory(args.directory_dir)
+    return "dns"
+
+
 def run_member(args: argparse.Namespace, settings: Settings) -> int:
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
@@ -647,7 +660,7 @@ def run_member(args: argparse.Namespace, settings: Settings) -> int:
         settings,
         demo_handler(args.host),
         args.host,
-        directory=None if args.no_dns else "dns",
+        directory=directory_from_args(args),
     )
     member.start()
     print(json.dumps({"member": member.info.id, "pid": member.info.pid}), flush=True)

@@ -1,0 +1,163 @@
+"""Three hosts (127.0.0.2-4) x four members, each member its own process.
+
+Bounds are generous on purpose: the machine is small and shared. The
+documented times (mesh.pool.member) are about 1 s to detect, 0.5 s to fail
+over after a crash and under 3 s to replace a hung master.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from mesh.pool.tracker import BroadcastResult, Outcome
+
+from .cluster import Cluster, kill, wait_for
+
+pytestmark = pytest.mark.slow
+
+HOSTS = ["127.0.0.2", "127.0.0.3", "127.0.0.4"]
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    root: Path = tmp_path_factory.mktemp("pool-cluster")
+    c = Cluster(root, HOSTS, per_host=4, issuer_host="127.0.0.2")
+    try:
+        c.start()
+        c.converge()
+        yield c
+    finally:
+        c.close()
+
+
+@pytest.fixture
+def healthy(cluster: Cluster) -> Cluster:
+    cluster.heal()
+    cluster.converge()
+    return cluster
+
+
+class Background:
+    """A broadcast running on another thread while the test breaks things."""
+
+    def __init__(self, c: Cluster, payload: bytes, timeout: float) -> None:
+        self.timeout = timeout
+        self.box: list[BroadcastResult] = []
+        self.thread = threading.Thread(
+            target=lambda: self.box.append(c.broadcast(payload, timeout))
+        )
+        self.thread.start()
+
+    def result(self) -> BroadcastResult:
+        self.thread.join(self.timeout + 5)
+        return self.box[0]
+
+
+def test_twelve_replies_from_three_hosts(healthy: Cluster) -> None:
+    result = healthy.broadcast(b"hello")
+    assert result.complete
+    assert result.counts[Outcome.REPLIED] == 12
+    assert {m.host for m in result.replies} == set(HOSTS)
+    assert len({m.pid for m in result.replies}) == 12
+    assert all(r.endswith(b":hello") for r in result.replies.values())
+
+
+def test_sigkilled_member_is_failed_before_the_deadline(healthy: Cluster) -> None:
+    victim = healthy.member_proc("127.0.0.4")
+    gather = Background(healthy, b"sleep:1.5:k", timeout=20.0)
+    time.sleep(0.6)
+    kill(victim)
+    started = time.monotonic()
+    result = gather.result()
+    assert time.monotonic() - started < 15.0
+    (dead,) = result.with_outcome(Outcome.FAILED)
+    assert dead.member.pid == victim.pid
+    assert result.counts[Outcome.REPLIED] == 11
+    assert result.complete
+
+
+def test_sigstopped_member_mid_handler_is_reported(healthy: Cluster) -> None:
+    victim = healthy.member_proc("127.0.0.3")
+    gather = Background(healthy, b"sleep:1.5:s", timeout=20.0)
+    time.sleep(0.6)
+    os.kill(victim.pid, signal.SIGSTOP)
+    started = time.monotonic()
+    try:
+        result = gather.result()
+    finally:
+        kill(victim)
+    assert time.monotonic() - started < 15.0
+    (stuck,) = result.with_outcome(Outcome.FAILED)
+    assert stuck.member.pid == victim.pid
+    assert "heartbeat" in stuck.reason
+    assert result.counts[Outcome.REPLIED] == 11
+
+
+def test_sigkilled_master_is_replaced(healthy: Cluster) -> None:
+    host = "127.0.0.3"
+    old = healthy.master_record(host)
+    assert old is not None
+    kill(healthy.master_proc(host))
+
+    def replaced() -> bool:
+        new = healthy.master_record(host)
+        return new is not None and new["epoch"] == old["epoch"] + 1
+
+    took = wait_for(replaced, timeout=10.0)
+    # Documented ~0.5 s; the bound allows for a loaded machine.
+    assert took < 5.0
+    healthy.heal()
+    healthy.converge(budget=30.0)
+
+
+def test_sigkilled_master_of_the_issuing_host_is_replaced(healthy: Cluster) -> None:
+    host = "127.0.0.2"
+    old = healthy.master_record(host)
+    assert old is not None
+    kill(healthy.master_proc(host))
+    wait_for(
+        lambda: (healthy.master_record(host) or {}).get("epoch") == old["epoch"] + 1,
+        timeout=10.0,
+    )
+    healthy.heal()
+    healthy.converge(budget=30.0)
+
+
+def test_sigstopped_master_is_killed_by_quorum_and_replaced(healthy: Cluster) -> None:
+    host = "127.0.0.4"
+    old = healthy.master_record(host)
+    assert old is not None
+    master = healthy.master_proc(host)
+    os.kill(master.pid, signal.SIGSTOP)
+    try:
+        took = wait_for(
+            lambda: (
+                (healthy.master_record(host) or {}).get("epoch") == old["epoch"] + 1
+            ),
+            timeout=15.0,
+        )
+        # The members killed it: SIGKILL, not our cleanup.
+        assert master.wait(5) == -signal.SIGKILL
+    finally:
+        kill(master)
+    assert took < 8.0  # documented ~1.75 s
+    healthy.heal()
+    healthy.converge(budget=30.0)
+
+
+def test_late_reply_never_mixed_into_the_next_broadcast(healthy: Cluster) -> None:
+    first = healthy.broadcast(b"sleep:1.5:late", timeout=0.5)
+    assert first.complete
+    assert first.counts[Outcome.REPLIED] == 0
+    second = healthy.broadcast(b"next", timeout=15.0)
+    assert second.complete
+    assert second.counts[Outcome.REPLIED] == 12
+    assert all(r.endswith(b":next") for r in second.replies.values())
+    assert first.broadcast_id != second.broadcast_id
