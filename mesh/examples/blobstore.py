@@ -19,7 +19,7 @@ import sqlite3
 import threading
 from typing import Any
 
-__all__ = ["BlobStore", "stats"]
+__all__ = ["BlobStore", "on_broadcast", "stats"]
 
 _counters_lock = threading.Lock()
 _counters = {"hits_opened": 0, "hits_closed": 0, "calls": 0, "bytes_stored": 0}
@@ -38,6 +38,13 @@ def stats() -> bytes:
     counters["pid"] = os.getpid()
     counters["open_hits"] = counters["hits_opened"] - counters["hits_closed"]
     return json.dumps(counters, sort_keys=True).encode()
+
+
+def on_broadcast(payload: bytes) -> bytes:
+    """Answer a pool broadcast: ``stats`` gives :func:`stats`, anything else fails."""
+    if payload.strip() == b"stats":
+        return stats()
+    raise ValueError(f"unknown broadcast {payload[:40]!r}; this member answers 'stats'")
 
 
 def _name(frame: memoryview) -> str:
