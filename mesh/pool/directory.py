@@ -93,7 +93,9 @@ class DnsDirectory:
         resolve = importlib.import_module("mesh.discovery.resolve")
         register = importlib.import_module("mesh.discovery.register")
         key = mesh.keyfile.load_key(settings.resolved_key_file)
-        resolver = resolve.Resolver(settings.nameservers, timeout=settings.dns_timeout)
+        resolver = resolve.Resolver(
+            settings.nameservers, timeout=settings.dns_timeout, zone=settings.zone
+        )
         registrar = register.Registrar(
             settings.nameservers, settings.zone, key, lease=settings.lease
         )

@@ -18,7 +18,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from mesh.config import Settings
-from mesh.pool.directory import FileDirectory
+from mesh.pool.directory import FileDirectory, MasterDirectory
 from mesh.pool.member import PoolMember, demo_handler
 from mesh.pool.tracker import BroadcastResult, Outcome
 
@@ -36,6 +36,8 @@ class Cluster:
         extra_args: Sequence[str] = (),
         settings: Settings | None = None,
         member_argv: Callable[[str], list[str]] | None = None,
+        directory_args: Sequence[str] | None = None,
+        issuer_directory: MasterDirectory | None = None,
     ) -> None:
         self.root = root
         self.hosts = list(hosts)
@@ -44,6 +46,12 @@ class Cluster:
         self.extra_args = list(extra_args)
         self.directory = root / "directory"
         self.member_argv = member_argv
+        self.directory_args = (
+            list(directory_args)
+            if directory_args is not None
+            else ["--directory-dir", str(self.directory)]
+        )
+        self.issuer_directory = issuer_directory or FileDirectory(self.directory)
         self.procs: dict[str, list[subprocess.Popen[bytes]]] = {h: [] for h in hosts}
         self.settings = settings or Settings(runtime_dir=self.runtime_dir(issuer_host))
         self.issuer: PoolMember | None = None
@@ -66,8 +74,7 @@ class Cluster:
                 host,
                 "--runtime-dir",
                 str(self.runtime_dir(host)),
-                "--directory-dir",
-                str(self.directory),
+                *self.directory_args,
             ]
         )
         proc = subprocess.Popen(
@@ -91,7 +98,7 @@ class Cluster:
             self.settings,
             demo_handler(self.issuer_host),
             self.issuer_host,
-            directory=FileDirectory(self.directory),
+            directory=self.issuer_directory,
             eligible=False,
         )
         self.issuer.start()
