@@ -450,6 +450,8 @@ class Master:
             self._ensure_dealer(endpoint)
         elif not peer.alive:
             log.info("pool %r: master of %s is back", self.pool, host)
+            # Its dealer was closed when it was declared lost.
+            self._ensure_dealer(endpoint)
         peer.alive = True
         peer.last_heard = now
 
