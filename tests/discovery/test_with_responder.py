@@ -1,0 +1,246 @@
+"""Registrar and resolver against the bundled responder on loopback."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import shutil
+import socket
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import dns.resolver
+import pytest
+
+from mesh.discovery.register import Registrar
+from mesh.discovery.resolve import AsyncResolver, Resolver
+from mesh.errors import (
+    DiscoveryTimeout,
+    NameNotFound,
+    RegistrationRejected,
+    ServiceNotFound,
+)
+
+SVC = "_svc._tcp.mesh.internal."
+
+
+@dataclasses.dataclass
+class Silent:
+    """A UDP socket that counts datagrams and never answers: a dead server."""
+
+    sock: socket.socket
+    received: int = 0
+
+    @property
+    def address(self) -> str:
+        host, port = self.sock.getsockname()[:2]
+        return f"{host}:{port}"
+
+
+@pytest.fixture
+def silent() -> Iterator[Silent]:
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.bind(("127.0.0.1", 0))
+    sock.settimeout(0.05)
+    box = Silent(sock)
+    stop = threading.Event()
+
+    def drain() -> None:
+        while not stop.is_set():
+            try:
+                sock.recv(4096)
+                box.received += 1
+            except TimeoutError:
+                continue
+
+    thread = threading.Thread(target=drain, daemon=True)
+    thread.start()
+    yield box
+    stop.set()
+    thread.join(1)
+    sock.close()
+
+
+@pytest.fixture
+def registrar(responder: Any) -> Registrar:
+    return Registrar([responder.address], responder.zone, responder.key, lease=30)
+
+
+def test_register_resolve_and_dig(responder: Any, registrar: Registrar) -> None:
+    with registrar.register("_svc._tcp", "host-a", 5000, ["127.0.0.2", "::1"]):
+        resolver = Resolver([responder.address])
+        targets = resolver.resolve("_svc._tcp")
+        assert sorted(t.endpoint for t in targets) == [
+            "tcp://127.0.0.2:5000",
+            "tcp://[::1]:5000",
+        ]
+        assert {t.name for t in targets} == {"host-a.mesh.internal."}
+        if shutil.which("dig"):
+            out = subprocess.run(
+                ["dig", "+norec", "-p", str(responder.port), "@127.0.0.1", SVC, "SRV"],
+                capture_output=True,
+                text=True,
+                timeout=10,
+                check=True,
+            ).stdout
+            assert "0 1 5000 host-a.mesh.internal." in out
+            assert "127.0.0.2" in out  # the glue in ADDITIONAL
+    # close() deleted it.
+    with pytest.raises(ServiceNotFound):
+        Resolver([responder.address]).resolve(SVC)
+
+
+def test_async_resolver_sees_the_same(responder: Any, registrar: Registrar) -> None:
+    import asyncio
+
+    with registrar.register("_svc._tcp", "host-b", 5001, ["127.0.0.3"]):
+        targets = asyncio.run(AsyncResolver([responder.address]).resolve(SVC))
+    assert [t.endpoint for t in targets] == ["tcp://127.0.0.3:5001"]
+
+
+def test_two_servers_share_an_address_record(
+    responder: Any, registrar: Registrar
+) -> None:
+    first = registrar.register("_svc._tcp", "host-a", 5000, ["127.0.0.2"])
+    second = registrar.register("_other._tcp", "host-a", 6000, ["127.0.0.2"])
+    first.close()
+    # The second registration still resolves: its address was not deleted.
+    targets = Resolver([responder.address]).resolve("_other._tcp")
+    assert [t.endpoint for t in targets] == ["tcp://127.0.0.2:6000"]
+    second.close()
+
+
+def test_wrong_key_is_rejected_and_changes_nothing(
+    responder: Any, tmp_path: Any
+) -> None:
+    import dns.tsig
+
+    wrong = dns.tsig.Key(responder.key.name, b"x" * 32, responder.key.algorithm)
+    registrar = Registrar([responder.address], responder.zone, wrong, budget=2)
+    with pytest.raises(RegistrationRejected) as info:
+        registrar.register("_svc._tcp", "host-a", 5000, ["127.0.0.2"])
+    assert info.value.tsig_error in ("BADSIG", None)
+    assert "x" * 8 not in str(info.value)
+    unknown = dns.tsig.Key("nobody.", b"y" * 32, responder.key.algorithm)
+    registrar = Registrar([responder.address], responder.zone, unknown, budget=2)
+    with pytest.raises(RegistrationRejected):
+        registrar.register("_svc._tcp", "host-a", 5000, ["127.0.0.2"])
+    with pytest.raises(NameNotFound):
+        Resolver([responder.address]).resolve(SVC)
+
+
+@pytest.mark.slow
+def test_renewal_keeps_a_short_lease_alive(responder: Any) -> None:
+    registrar = Registrar([responder.address], responder.zone, responder.key, lease=1)
+    with registrar.register("_svc._tcp", "host-a", 5000, ["127.0.0.2"], ttl=0):
+        time.sleep(3.5)
+        assert Resolver([responder.address]).resolve(SVC)
+
+
+@pytest.mark.slow
+def test_without_renewal_the_lease_runs_out(responder: Any) -> None:
+    registrar = Registrar([responder.address], responder.zone, responder.key, lease=1)
+    registration = registrar.register(
+        "_svc._tcp", "host-a", 5000, ["127.0.0.2"], ttl=0, renew=False
+    )
+    time.sleep(2.5)
+    with pytest.raises(ServiceNotFound):
+        Resolver([responder.address]).resolve(SVC)
+    registration.close()
+
+
+@pytest.mark.slow
+def test_reregisters_after_responder_loses_everything(tmp_path: Any) -> None:
+    from mesh.responder.testing import start_responder
+
+    first = start_responder(tmp_path / "one")
+    port = first.port
+    registrar = Registrar([first.address], first.zone, first.key, lease=1)
+    registration = registrar.register("_svc._tcp", "host-a", 5000, ["127.0.0.2"], ttl=0)
+    first.responder.stop()
+    # A new, empty responder on the same port with the same key: as if the
+    # journal had been lost. The next renewal must put the records back.
+    fresh = tmp_path / "two"
+    fresh.mkdir()
+    shutil.copy(first.key_file, fresh / "tsig.key")
+    second = None
+    for _ in range(50):
+        try:
+            second = start_responder(fresh, port=port)  # type: ignore[arg-type]
+            break
+        except Exception:
+            time.sleep(0.1)
+    if second is None:
+        pytest.skip("responder cannot be restarted on a fixed port")
+    try:
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:
+            try:
+                Resolver([second.address]).resolve(SVC)
+                break
+            except ServiceNotFound:
+                time.sleep(0.2)
+        else:
+            pytest.fail("registration did not come back after the restart")
+    finally:
+        registration.close()
+        second.responder.stop()
+
+
+@pytest.mark.slow
+def test_dead_first_nameserver_then_live_one(
+    responder: Any, registrar: Registrar, silent: Silent
+) -> None:
+    with registrar.register("_svc._tcp", "host-a", 5000, ["127.0.0.2"]):
+        resolver = Resolver([silent.address, responder.address], timeout=2, lifetime=2)
+        start = time.monotonic()
+        assert resolver.resolve(SVC)
+        assert time.monotonic() - start < 2.5
+    assert silent.received >= 1
+
+
+@pytest.mark.slow
+def test_only_dead_nameserver_times_out_within_lifetime(silent: Silent) -> None:
+    resolver = Resolver([silent.address], timeout=0.5, lifetime=1.5)
+    start = time.monotonic()
+    with pytest.raises(DiscoveryTimeout) as info:
+        resolver.resolve(SVC)
+    assert time.monotonic() - start < 1.5 + 0.5
+    assert info.value.nameservers == [silent.address]
+
+
+def test_no_module_default_resolver_and_no_decoy(
+    responder: Any, registrar: Registrar, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise AssertionError("dnspython's default resolver was used")
+
+    monkeypatch.setattr(dns.resolver, "get_default_resolver", refuse)
+    monkeypatch.setattr(dns.resolver, "resolve", refuse)
+    # A decoy on another loopback port must see nothing.
+    decoy = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    decoy.bind(("127.0.0.1", 0))
+    decoy.setblocking(False)
+    try:
+        with registrar.register("_svc._tcp", "host-a", 5000, ["127.0.0.2"]):
+            Resolver([responder.address]).resolve("_svc._tcp")
+        with pytest.raises(BlockingIOError):
+            decoy.recv(512)
+    finally:
+        decoy.close()
+
+
+def test_secret_never_logged(
+    responder: Any, registrar: Registrar, caplog: pytest.LogCaptureFixture
+) -> None:
+    import base64
+
+    with caplog.at_level(logging.DEBUG):
+        with registrar.register("_svc._tcp", "host-a", 5000, ["127.0.0.2"]):
+            pass
+    secret = base64.b64encode(responder.key.secret).decode()
+    assert secret not in caplog.text
+    assert secret not in repr(registrar)
