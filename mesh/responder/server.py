@@ -249,6 +249,11 @@ class Responder:
     ) -> None:
         self.stop()
 
+    @property
+    def tcp_connections(self) -> int:
+        """How many TCP clients are connected right now."""
+        return len(self._conns)
+
     def records(self) -> list[tuple[Record, float | None]]:
         """Every live record with its remaining lease (``None`` when static)."""
         now = time.monotonic()
