@@ -38,11 +38,13 @@ import dns.exception
 import dns.flags
 import dns.message
 import dns.name
+import dns.query
 import dns.rcode
 import dns.rdata
 import dns.rdataclass
 import dns.rdatatype
 import dns.rdtypes.ANY.TSIG
+import dns.rdtypes.IN.SRV
 import dns.tsig
 import dns.update
 import tenacity
@@ -405,19 +407,51 @@ class Registrar:
         target: str | dns.name.Name,
         port: int,
         addresses: Sequence[str] = (),
-        priority: int = 0,
-        weight: int = 1,
-    ) -> None:
-        """Delete one SRV record (matched by value) and the given address RRs."""
+    ) -> int:
+        """Delete the SRV records of ``srv_name`` pointing at ``target:port``.
+
+        The records are looked up first, since a delete by value must name
+        the priority and weight too. ``addresses`` are deleted from the
+        target as well. Returns how many SRV records were deleted.
+        """
         srv = absolute_name(srv_name, self.zone)
         host = absolute_name(target, self.zone)
-        record = Record(srv, host, port, tuple(addresses), priority, weight)
-        self._send(
-            lambda: build_delete(self.zone, self.key, record),
-            "delete " + record.describe(),
-            None,
-        )
-        log.info("deleted %s", record.describe())
+        found = [
+            rd for rd in self._current_srv(srv) if rd.target == host and rd.port == port
+        ]
+        records = [Record(srv, host, port, (), rd.priority, rd.weight) for rd in found]
+        if addresses and not records:
+            records = [Record(srv, host, port, ())]
+        for index, record in enumerate(records):
+            record = dataclasses.replace(
+                record, addresses=tuple(addresses) if index == 0 else ()
+            )
+            self._send(
+                lambda record=record: build_delete(self.zone, self.key, record),  # type: ignore[misc]
+                "delete " + record.describe(),
+                None,
+            )
+            log.info("deleted %s", record.describe())
+        return len(found)
+
+    def _current_srv(self, srv: dns.name.Name) -> list[dns.rdtypes.IN.SRV.SRV]:
+        query = dns.message.make_query(srv, dns.rdatatype.SRV)
+        for nameserver in self.nameservers:
+            try:
+                response = dns.query.tcp(
+                    query, nameserver.host, timeout=self.timeout, port=nameserver.port
+                )
+            except (OSError, dns.exception.DNSException) as exc:
+                log.warning("cannot look up %s at %s: %s", srv, nameserver, exc)
+                continue
+            try:
+                rrset = response.find_rrset(
+                    response.answer, srv, dns.rdataclass.IN, dns.rdatatype.SRV
+                )
+            except KeyError:
+                return []
+            return [rd for rd in rrset if isinstance(rd, dns.rdtypes.IN.SRV.SRV)]
+        return []
 
     def _withdraw(self, record: Record, budget: float) -> None:
         with self._lock:
