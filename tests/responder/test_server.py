@@ -256,25 +256,29 @@ def _bad_packets(rng: random.Random) -> list[bytes]:
     return packets
 
 
+@pytest.mark.slow
 def test_random_and_mutated_udp_packets(responder: RunningResponder) -> None:
     register(responder, ("_web._tcp", "SRV", "0 5 8080 host-a"))
     rng = random.Random(20240611)
     packets = _bad_packets(rng)
     assert len(packets) > 300
+    replies = 0
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
-        sock.settimeout(0.2)
-        for i, packet in enumerate(packets):
-            sock.sendto(packet, (responder.host, responder.port))
-            try:
-                reply = sock.recv(65535)
-            except TimeoutError:
-                reply = None
-            if reply is not None and len(packet) >= 2:
-                # Whatever comes back answers this packet and parses.
-                assert reply[:2] == packet[:2]
-                dns.message.from_wire(reply)
-            if i % 50 == 0:
-                _valid_probe(responder)
+        for start in range(0, len(packets), 50):
+            for packet in packets[start : start + 50]:
+                sock.sendto(packet, (responder.host, responder.port))
+            sock.settimeout(0.5)
+            while True:
+                try:
+                    reply = sock.recv(65535)
+                except TimeoutError:
+                    break
+                # Whatever comes back is a well-formed DNS reply.
+                assert dns.message.from_wire(reply).flags & dns.flags.QR
+                replies += 1
+            _valid_probe(responder)
+    # Most mutated queries keep a readable header and get an answer.
+    assert replies > 100
     _valid_probe(responder)
 
 
@@ -302,6 +306,15 @@ def test_random_and_mutated_tcp_messages(responder: RunningResponder) -> None:
     _valid_probe(responder)
 
 
+def _closed_by_peer(sock: socket.socket) -> bool:
+    # A server closing a socket with unread input sends RST instead of FIN.
+    try:
+        return sock.recv(10) == b""
+    except ConnectionResetError:
+        return True
+
+
+@pytest.mark.slow
 def test_idle_and_partial_tcp_clients_are_closed(tmp_path: Path) -> None:
     running = start_responder(tmp_path, tcp_timeout=1.0, max_tcp_connections=64)
     try:
@@ -319,7 +332,7 @@ def test_idle_and_partial_tcp_clients_are_closed(tmp_path: Path) -> None:
         query = dns.message.make_query("_web._tcp.mesh.internal.", "SRV")
         assert dns.query.tcp(query, running.host, port=running.port, timeout=5).answer
         for sock in (idle, one_byte, partial, oversized):
-            assert sock.recv(10) == b""  # closed by the server within the timeout
+            assert _closed_by_peer(sock)
         deadline = time.monotonic() + 20
         while running.responder.tcp_connections and time.monotonic() < deadline:
             time.sleep(0.1)

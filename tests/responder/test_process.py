@@ -1,0 +1,99 @@
+"""``mesh dns`` as a real process: SIGKILL and restart, lease expiry, SIGTERM."""
+
+from __future__ import annotations
+
+import signal
+import struct
+import time
+from collections.abc import Callable
+
+import dns.edns
+import dns.message
+import dns.query
+import dns.rcode
+import dns.update
+import pytest
+
+from mesh.keyfile import load_key
+from mesh.responder.testing import DnsProcess
+
+pytestmark = pytest.mark.slow
+
+
+def register(proc: DnsProcess, owner: str, rdtype: str, text: str, lease: int) -> None:
+    update = dns.update.UpdateMessage("mesh.internal.", keyring=load_key(proc.key_file))
+    update.add(owner, 5, rdtype, text)
+    option = dns.edns.GenericOption(dns.edns.OptionType(2), struct.pack("!I", lease))
+    update.use_edns(0, options=[option])
+    reply = dns.query.tcp(update, "127.0.0.1", port=proc.port, timeout=5)
+    assert reply.rcode() == dns.rcode.NOERROR
+
+
+def rcode(proc: DnsProcess, qname: str, rdtype: str = "SRV") -> int:
+    query = dns.message.make_query(qname, rdtype)
+    return dns.query.udp(query, "127.0.0.1", port=proc.port, timeout=5).rcode()
+
+
+def test_sigkill_and_restart_keeps_registrations(
+    dns_process: Callable[..., DnsProcess],
+) -> None:
+    first = dns_process()
+    register(first, "_web._tcp", "SRV", "0 5 8080 host-a", lease=600)
+    register(first, "host-a", "A", "127.0.0.5", lease=600)
+    assert first.kill(signal.SIGKILL) == -signal.SIGKILL
+    second = dns_process(first.port)
+    assert rcode(second, "_web._tcp.mesh.internal.") == dns.rcode.NOERROR
+    assert rcode(second, "host-a.mesh.internal.", "A") == dns.rcode.NOERROR
+
+
+def test_expired_lease_disappears(dns_process: Callable[..., DnsProcess]) -> None:
+    proc = dns_process()
+    register(proc, "_short._tcp", "SRV", "0 5 8080 host-a", lease=1)
+    register(proc, "_long._tcp", "SRV", "0 5 8080 host-a", lease=600)
+    deadline = time.monotonic() + 15
+    while rcode(proc, "_short._tcp.mesh.internal.") == dns.rcode.NOERROR:
+        assert time.monotonic() < deadline, "lease of 1 s never expired"
+        time.sleep(0.2)
+    assert rcode(proc, "_short._tcp.mesh.internal.") == dns.rcode.NXDOMAIN
+    assert rcode(proc, "_long._tcp.mesh.internal.") == dns.rcode.NOERROR
+
+
+def test_sigterm_stops_cleanly(dns_process: Callable[..., DnsProcess]) -> None:
+    proc = dns_process()
+    started = time.monotonic()
+    assert proc.kill(signal.SIGTERM, timeout=10) == 0
+    # Generous: the process polls its stop flag twice a second.
+    assert time.monotonic() - started < 8
+
+
+def test_generates_a_private_key_when_none_exists(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    import subprocess
+    import sys
+
+    state = tmp_path / "state"
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "mesh",
+            "dns",
+            "--listen",
+            "127.0.0.1:0",
+            "--state-dir",
+            str(state),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        assert proc.stdout.readline().startswith("listening 127.0.0.1:")
+        key_file = state / "tsig.key"
+        assert key_file.stat().st_mode & 0o077 == 0
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=10)
+    secret = key_file.read_text().split('secret "')[1].split('"')[0]
+    assert str(key_file) in err
+    assert secret not in err
