@@ -197,8 +197,8 @@ def _server_time(rdata: dns.rdtypes.ANY.TSIG.TSIG) -> int | None:
     return None
 
 
-def read_reply(query: dns.message.Message, wire: bytes, now: float) -> Verdict:
-    """Judge the reply ``wire`` to ``query``; ``now`` is wall-clock seconds.
+def read_reply(query: dns.message.Message, wire: bytes) -> Verdict:
+    """Judge the reply ``wire`` to the signed and sent ``query``.
 
     The reply's TSIG is verified. A reply that cannot be verified (an error
     reply the server could not sign, or a forgery) is still read for its
@@ -227,11 +227,12 @@ def read_reply(query: dns.message.Message, wire: bytes, now: float) -> Verdict:
             tsig_error = _TSIG_ERRORS.get(tsig.error, str(tsig.error))
         if tsig.error == dns.rcode.BADTIME:
             server = _server_time(tsig)
-            if server is not None:
-                # Wall-clock time, on purpose: TSIG signs with it.
+            if server is not None and query.tsig:
+                # Wall-clock time, on purpose: TSIG signs with it (C19, C24).
+                ours = typing.cast(dns.rdtypes.ANY.TSIG.TSIG, query.tsig[0])
                 log.warning(
-                    "DNS server rejects our clock: it is %+d s off the server's",
-                    round(now - server),
+                    "DNS server rejects our clock: we are %+d s off the server's",
+                    ours.time_signed - server,
                 )
             return Transient("TSIG BADTIME: the clocks differ by more than the fudge")
     rcode_text = dns.rcode.to_text(rcode)
@@ -496,7 +497,7 @@ class Registrar:
                 except (OSError, TimeoutError) as exc:
                     reasons.append(f"{nameserver} {type(exc).__name__}: {exc}")
                     continue
-                verdict = read_reply(query, reply, time.time())
+                verdict = read_reply(query, reply)
                 if isinstance(verdict, Accepted):
                     return verdict
                 if isinstance(verdict, Rejected):
