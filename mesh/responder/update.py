@@ -121,7 +121,7 @@ class UpdateProcessor:
             log.debug("update id %d refused: not signed", query.id)
             response.set_rcode(dns.rcode.REFUSED)
             return response.to_wire()
-        lease = _requested_lease(query)
+        lease, key_lease = _requested_lease(query)
         granted = self.policy.grant(lease)
         try:
             self._check_zone(query)
@@ -141,7 +141,7 @@ class UpdateProcessor:
                     options=[
                         dns.edns.GenericOption(
                             dns.edns.OptionType(LEASE_OPTION),
-                            struct.pack("!I", int(granted)),
+                            _lease_data(granted, key_lease),
                         )
                     ],
                 )
@@ -305,13 +305,24 @@ class UpdateProcessor:
         return bytes(body)
 
 
-def _requested_lease(query: dns.message.Message) -> float | None:
+def _requested_lease(query: dns.message.Message) -> tuple[float | None, int | None]:
+    """The LEASE and, when sent, KEY-LEASE of RFC 9664 section 4."""
     for option in query.options:
         if option.otype == LEASE_OPTION:
             data = option.to_wire()
+            if data is not None and len(data) >= 8:
+                lease, key_lease = struct.unpack("!II", data[:8])
+                return float(lease), int(key_lease)
             if data is not None and len(data) >= 4:
-                return float(struct.unpack("!I", data[:4])[0])
-    return None
+                return float(struct.unpack("!I", data[:4])[0]), None
+    return None, None
+
+
+def _lease_data(granted: float, key_lease: int | None) -> bytes:
+    # We hold no KEY records, so KEY-LEASE is echoed no longer than LEASE.
+    if key_lease is None:
+        return struct.pack("!I", int(granted))
+    return struct.pack("!II", int(granted), min(key_lease, int(granted)))
 
 
 def _formerr(wire: bytes) -> bytes | None:

@@ -202,8 +202,11 @@ def test_question_case_is_echoed(responder: RunningResponder) -> None:
         "_SVC._TCP.MESH.INTERNAL.",
         "_sVc._tCp.MeSh.InTeRnAl.",
     ):
-        for _ in range(2):  # the second answer comes from the pre-encoded cache
-            query = dns.message.make_query(asked, "SRV")
+        # Twice plain (the second from the pre-encoded cache), and once with
+        # an EDNS option, which takes the parsing path.
+        cookie = dns.edns.GenericOption(dns.edns.OptionType.COOKIE, b"12345678")
+        for options in (None, None, [cookie]):
+            query = dns.message.make_query(asked, "SRV", use_edns=0, options=options)
             wire = dns.query.udp(query, responder.host, port=responder.port, timeout=5)
             assert wire.question[0].name.to_text() == asked
             assert wire.answer and wire.additional
