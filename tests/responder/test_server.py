@@ -345,3 +345,19 @@ def test_idle_and_partial_tcp_clients_are_closed(tmp_path: Path) -> None:
         _valid_probe(running)
     finally:
         running.responder.stop()
+
+
+def test_wall_clock_step_does_not_end_leases(
+    responder: RunningResponder, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # C24: leases run on the monotonic clock, so a one-hour step of the wall
+    # clock neither expires a 60 s lease nor stretches it.
+    register(responder, ("host-a", "A", "127.0.0.5"), lease=60)
+    real = time.time
+    for step in (3600, -3600):
+        monkeypatch.setattr(time, "time", lambda step=step: real() + step)
+        assert ask(responder, "host-a.mesh.internal.", "A").answer
+    ((record, remaining),) = [
+        (r, left) for r, left in responder.responder.records() if not r.static
+    ]
+    assert remaining is not None and 0 < remaining <= 60
