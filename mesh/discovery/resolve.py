@@ -19,7 +19,10 @@ Rules this module keeps, with the failure modes they answer:
   (C10); a NODATA reply is final and is not retried on the next nameserver.
 - A cached answer is never served past its TTL (C20), except as serve-stale:
   when no nameserver answers, the last good answer is used for
-  ``stale_grace`` seconds with a warning (RFC 8767 in spirit).
+  ``stale_grace`` seconds with a warning (RFC 8767 in spirit). After a failed
+  resolution DNS is asked again only every ``stale_refresh`` seconds, and by
+  one caller at a time; everyone else gets the stale answer at once, so an
+  outage does not make every new Hit wait out the resolver's lifetime.
 - ADDITIONAL address records are matched to SRV targets by DNS name
   equality, which is case-insensitive (C15); a target that is an alias
   (CNAME) is refused, as RFC 2782 forbids it (C13).
@@ -80,6 +83,13 @@ TTL_JITTER = 0.1
 # When a target's address lookup failed for lack of an answer, the resolution
 # is cached only this long, so the target comes back as soon as DNS does.
 PARTIAL_ANSWER_TTL = 1.0
+
+# While serving stale, how often DNS is asked again (RFC 8767 section 5 calls
+# this the failure recheck timer and suggests 30 s). We use the default SRV
+# TTL instead: a recovered responder is then noticed about as fast as a
+# changed record would be, at the price of one caller per period waiting for
+# the resolver's lifetime.
+STALE_REFRESH = 5.0
 
 # Big enough for a few dozen SRV targets with their addresses, small enough to
 # avoid IP fragmentation (the DNS flag day 2020 value).
@@ -441,6 +451,9 @@ class _Entry:
     value: _ServiceAnswer | _Negative
     fresh_until: float
     stale_until: float
+    # Non-zero once a resolution failed and the stale answer is being served:
+    # until then, callers get it without asking DNS.
+    stale_hold_until: float = 0.0
 
 
 class ResolverCore:
@@ -456,12 +469,14 @@ class ResolverCore:
         stale_grace: float = 60.0,
         negative_ttl_cap: float = NEGATIVE_TTL_CAP,
         rng: random.Random | None = None,
+        stale_refresh: float = STALE_REFRESH,
     ) -> None:
         if not nameservers:
             raise ConfigError("no nameservers configured. Set MESH_NAMESERVERS.")
         self.nameservers = [Nameserver.parse(ns) for ns in nameservers]
         self.zone = dns.name.from_text(zone)
         self.stale_grace = stale_grace
+        self.stale_refresh = stale_refresh
         self.negative_ttl_cap = negative_ttl_cap
         self._rng = rng or random.Random()
         self._entries: dict[dns.name.Name, _Entry] = {}
@@ -477,22 +492,37 @@ class ResolverCore:
     def cached(self, qname: dns.name.Name, now: float) -> list[Target] | None:
         """Ordered targets from a fresh cache entry, or ``None`` on a miss.
 
-        Raises the cached error for a fresh negative entry.
+        Raises the cached error for a fresh negative entry. While a stale
+        answer is being served, returns it until the next recheck is due;
+        the caller that sees ``None`` then is the one that asks DNS, and the
+        hold moves on so that concurrent callers keep the stale answer.
         """
         with self._lock:
             entry = self._entries.get(qname)
-        if entry is None or now >= entry.fresh_until:
-            return None
-        return self._outcome(qname, entry.value)
+            if entry is None:
+                return None
+            if now < entry.fresh_until:
+                return self._outcome(qname, entry.value)
+            if not entry.stale_hold_until or now >= entry.stale_until:
+                return None
+            if now >= entry.stale_hold_until:
+                entry.stale_hold_until = now + self.stale_refresh
+                return None
+        assert isinstance(entry.value, _ServiceAnswer)
+        return entry.value.ordered()
 
     def stale(self, qname: dns.name.Name, now: float) -> list[Target] | None:
-        """Ordered targets from the last good answer, if within the grace."""
+        """Ordered targets from the last good answer, if within the grace.
+
+        Starts (or extends) the hold during which :meth:`cached` serves it.
+        """
         with self._lock:
             entry = self._entries.get(qname)
-        if entry is None or not isinstance(entry.value, _ServiceAnswer):
-            return None
-        if now >= entry.stale_until:
-            return None
+            if entry is None or not isinstance(entry.value, _ServiceAnswer):
+                return None
+            if now >= entry.stale_until:
+                return None
+            entry.stale_hold_until = now + self.stale_refresh
         return entry.value.ordered()
 
     def store(
@@ -549,7 +579,12 @@ class ResolverCore:
             stale = self.stale(qname, now)
             error = self.unavailable(qname, outcome.failure)
             if stale is not None:
-                log.warning("%s; serving the last good answer for %s", error, qname)
+                log.warning(
+                    "%s; serving the last good answer for %s, asking again in %.0f s",
+                    error,
+                    qname,
+                    self.stale_refresh,
+                )
                 return stale
             raise error
         value = outcome.negative if isinstance(outcome, _ResolutionError) else outcome
@@ -566,7 +601,8 @@ class Resolver:
 
     ``timeout`` bounds one query to one nameserver, ``lifetime`` the whole
     resolution (SRV plus any address lookups). ``stale_grace`` is how long
-    the last good answer is used while no nameserver answers.
+    the last good answer is used while no nameserver answers, and
+    ``stale_refresh`` how often DNS is asked again meanwhile.
     """
 
     def __init__(
@@ -578,8 +614,15 @@ class Resolver:
         zone: str = "mesh.internal.",
         negative_ttl_cap: float = NEGATIVE_TTL_CAP,
         clock: Callable[[], float] = time.monotonic,
+        stale_refresh: float = STALE_REFRESH,
     ) -> None:
-        self.core = ResolverCore(nameservers, zone, stale_grace, negative_ttl_cap)
+        self.core = ResolverCore(
+            nameservers,
+            zone,
+            stale_grace,
+            negative_ttl_cap,
+            stale_refresh=stale_refresh,
+        )
         self.timeout = timeout
         self.lifetime = lifetime
         self._clock = clock
@@ -624,9 +667,7 @@ class Resolver:
                 "asking %s for %s %s", nameserver, qname, dns.rdatatype.to_text(rdtype)
             )
             try:
-                response, _ = dns.query.udp_with_fallback(
-                    query, nameserver.host, timeout=timeout, port=nameserver.port
-                )
+                response = self._exchange(query, nameserver, timeout)
             except dns.exception.Timeout:
                 attempts.timed_out(nameserver, timeout)
                 continue
@@ -636,6 +677,30 @@ class Resolver:
             if _check_response(attempts, nameserver, response):
                 return response
         return attempts.failure()
+
+    def _exchange(
+        self, query: dns.message.Message, nameserver: Nameserver, timeout: float
+    ) -> dns.message.Message:
+        # dnspython's udp_with_fallback gives the TCP retry a fresh timeout;
+        # here UDP and TCP share one, so an attempt never overruns its share
+        # of the lifetime (C14).
+        deadline = self._clock() + timeout
+        response = dns.query.udp(
+            query, nameserver.host, timeout=timeout, port=nameserver.port
+        )
+        if not response.flags & dns.flags.TC:
+            return response
+        remaining = deadline - self._clock()
+        if remaining <= 0:
+            raise dns.exception.Timeout(timeout=timeout)  # type: ignore[no-untyped-call]
+        log.debug(
+            "%s truncated the answer for %s; asking over TCP",
+            nameserver,
+            query.question[0].name,
+        )
+        return dns.query.tcp(
+            query, nameserver.host, timeout=remaining, port=nameserver.port
+        )
 
 
 class AsyncResolver:
@@ -650,8 +715,15 @@ class AsyncResolver:
         zone: str = "mesh.internal.",
         negative_ttl_cap: float = NEGATIVE_TTL_CAP,
         clock: Callable[[], float] = time.monotonic,
+        stale_refresh: float = STALE_REFRESH,
     ) -> None:
-        self.core = ResolverCore(nameservers, zone, stale_grace, negative_ttl_cap)
+        self.core = ResolverCore(
+            nameservers,
+            zone,
+            stale_grace,
+            negative_ttl_cap,
+            stale_refresh=stale_refresh,
+        )
         self.timeout = timeout
         self.lifetime = lifetime
         self._clock = clock

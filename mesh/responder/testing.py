@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import select
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import dns.name
@@ -21,7 +21,7 @@ from mesh.errors import ConfigError
 from mesh.keyfile import generate_key_file, load_key, load_keyring
 from mesh.responder.server import Responder
 
-__all__ = ["DnsProcess", "RunningResponder", "start_responder"]
+__all__ = ["DnsProcess", "RunningResponder", "read_line", "start_responder"]
 
 
 @dataclasses.dataclass
@@ -74,6 +74,20 @@ def start_responder(
     return RunningResponder(responder, key_file, load_key(key_file), state_dir, zone)
 
 
+def read_line(proc: subprocess.Popen[str], timeout: float) -> str:
+    """The next line ``proc`` writes to its stdout pipe, waiting at most
+    ``timeout`` seconds; ``""`` if it wrote none in time or exited.
+
+    Only for a process's first lines: it waits on the pipe itself, so text
+    already in the stream's buffer is not seen as ready.
+    """
+    assert proc.stdout is not None
+    ready, _, _ = select.select([proc.stdout], [], [], timeout)
+    if not ready:
+        return ""
+    return proc.stdout.readline()
+
+
 class DnsProcess:
     """``mesh dns`` as a real subprocess, for kill and restart tests.
 
@@ -121,13 +135,13 @@ class DnsProcess:
             text=True,
             env=env,
         )
-        deadline = time.monotonic() + timeout
-        assert self.proc.stdout is not None
         # The process prints one "listening host:port" line once bound.
-        line = self.proc.stdout.readline()
-        if not line.startswith("listening ") or time.monotonic() > deadline:
+        line = read_line(self.proc, timeout)
+        if not line.startswith("listening "):
             self.kill()
-            raise ConfigError(f"mesh dns did not start (said {line!r})")
+            raise ConfigError(
+                f"mesh dns did not start within {timeout:.0f} s (said {line!r})"
+            )
         self.address = line.split()[1]
         return self
 

@@ -256,6 +256,54 @@ def test_serve_stale_within_grace_then_fail(caplog: pytest.LogCaptureFixture) ->
         resolver.resolve(SVC)
 
 
+def test_serve_stale_asks_dns_only_once_per_refresh_period() -> None:
+    # The outage stall: without a recheck timer every resolve during an outage
+    # would first wait out the lifetime on silent nameservers.
+    clock = Clock()
+    up = True
+
+    def script(qname: dns.name.Name, rdtype: dns.rdatatype.RdataType) -> resolve._Reply:
+        return srv_only("0 1 5000 a.mesh.internal.") if up else failure()
+
+    resolver, asked = scripted_resolver(
+        script, clock, stale_grace=60.0, stale_refresh=5.0
+    )
+    first = resolver.resolve(SVC)
+    up = False
+    clock.now += 6.0  # past the TTL: the next resolve asks and fails
+    assert resolver.resolve(SVC) == first
+    asked_after_failure = len(asked)
+    for _ in range(20):
+        clock.now += 0.2  # 4 s in all: inside the refresh period
+        assert resolver.resolve(SVC) == first
+    assert len(asked) == asked_after_failure
+    clock.now += 1.5  # the refresh is due: one caller asks again
+    assert resolver.resolve(SVC) == first
+    assert len(asked) == asked_after_failure + 1
+    up = True
+    clock.now += 5.5
+    assert resolver.resolve(SVC) == first
+    assert len(asked) == asked_after_failure + 2  # back to fresh answers
+
+
+def test_only_one_caller_rechecks_while_others_get_stale() -> None:
+    clock = Clock()
+    up = True
+
+    def script(qname: dns.name.Name, rdtype: dns.rdatatype.RdataType) -> resolve._Reply:
+        return srv_only("0 1 5000 a.mesh.internal.") if up else failure()
+
+    resolver, _ = scripted_resolver(script, clock, stale_refresh=5.0)
+    first = resolver.resolve(SVC)
+    up = False
+    clock.now += 6.0
+    resolver.resolve(SVC)  # fails; the stale answer is served from now on
+    clock.now += 5.0
+    qname = resolver.core.qname(SVC)
+    assert resolver.core.cached(qname, clock.now) is None  # this caller rechecks
+    assert resolver.core.cached(qname, clock.now) == first  # the others do not
+
+
 def test_nxdomain_ends_serve_stale() -> None:
     clock = Clock()
     answers = [srv_only("0 1 5000 a.mesh.internal."), reply(SVC, "SRV", rcode=3)]

@@ -15,7 +15,7 @@ import dns.update
 import pytest
 
 from mesh.keyfile import load_key
-from mesh.responder.testing import DnsProcess
+from mesh.responder.testing import DnsProcess, read_line
 
 pytestmark = pytest.mark.slow
 
@@ -87,8 +87,7 @@ def test_generates_a_private_key_when_none_exists(tmp_path) -> None:  # type: ig
         text=True,
     )
     try:
-        assert proc.stdout is not None
-        assert proc.stdout.readline().startswith("listening 127.0.0.1:")
+        assert read_line(proc, 20).startswith("listening 127.0.0.1:")
         key_file = state / "tsig.key"
         assert key_file.stat().st_mode & 0o077 == 0
     finally:
