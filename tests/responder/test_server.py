@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import random
 import shutil
 import socket
@@ -323,6 +324,7 @@ def test_idle_and_partial_tcp_clients_are_closed(tmp_path: Path) -> None:
     try:
         register(running, ("_web._tcp", "SRV", "0 5 8080 host-a"))
         addr = (running.host, running.port)
+        fds_before = len(os.listdir("/proc/self/fd"))
         idle = socket.create_connection(addr, timeout=10)
         one_byte = socket.create_connection(addr, timeout=10)
         one_byte.sendall(b"\x00")
@@ -330,7 +332,7 @@ def test_idle_and_partial_tcp_clients_are_closed(tmp_path: Path) -> None:
         partial.sendall(b"\x00\x64" + b"\x00" * 10)
         oversized = socket.create_connection(addr, timeout=10)
         oversized.sendall(b"\xff\xff" + b"\x00" * 100)
-        crowd = [socket.create_connection(addr, timeout=10) for _ in range(150)]
+        crowd = [socket.create_connection(addr, timeout=10) for _ in range(500)]
         # The cap closed the oldest, and a new client is still served.
         query = dns.message.make_query("_web._tcp.mesh.internal.", "SRV")
         assert dns.query.tcp(query, running.host, port=running.port, timeout=5).answer
@@ -343,6 +345,8 @@ def test_idle_and_partial_tcp_clients_are_closed(tmp_path: Path) -> None:
         for sock in (idle, one_byte, partial, oversized, *crowd):
             sock.close()
         _valid_probe(running)
+        # Every server-side socket was closed too, not just forgotten (C16).
+        assert len(os.listdir("/proc/self/fd")) <= fds_before + 4
     finally:
         running.responder.stop()
 
