@@ -365,3 +365,18 @@ def test_wall_clock_step_does_not_end_leases(
         (r, left) for r, left in responder.responder.records() if not r.static
     ]
     assert remaining is not None and 0 < remaining <= 60
+
+
+def test_lease_still_ends_on_time_after_a_wall_clock_step_back(
+    responder: RunningResponder, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The other half of C24: a wall clock stepped back an hour must not keep
+    # a record alive for that hour.
+    real = time.time
+    monkeypatch.setattr(time, "time", lambda: real() - 3600)
+    register(responder, ("host-b", "A", "127.0.0.6"), lease=1)
+    assert ask(responder, "host-b.mesh.internal.", "A").answer
+    deadline = time.monotonic() + 15
+    while ask(responder, "host-b.mesh.internal.", "A").answer:
+        assert time.monotonic() < deadline, "a 1 s lease outlived a clock step"
+        time.sleep(0.2)
