@@ -15,10 +15,13 @@ to the others by veth links on a bridge, so each host has its own stack.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
+import json
 import logging
 import os
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -324,8 +327,20 @@ def _mesh_argv(*args: str) -> list[str]:
     return [sys.executable, "-m", "mesh", *args]
 
 
+def child_log_level(verbose: int) -> str:
+    """``MESH_LOG_LEVEL`` for what `mesh up` starts: WARNING, INFO with -v, DEBUG with -vv.
+
+    At INFO every Hit opened and every record registered is a line, which
+    buries the progress line and the workload's summary; problems still show.
+    """
+    return ("WARNING", "INFO", "DEBUG")[min(max(verbose, 0), 2)]
+
+
 def plan(
-    manifest: Manifest, settings: Settings, netns: NetnsLayout | None = None
+    manifest: Manifest,
+    settings: Settings,
+    netns: NetnsLayout | None = None,
+    log_level: str = "WARNING",
 ) -> list[ProcessSpec]:
     """Every process `mesh up` starts, in start order (responder first).
 
@@ -339,6 +354,7 @@ def plan(
         "MESH_KEY_FILE": str(settings.resolved_key_file),
         "MESH_STATE_DIR": str(settings.state_dir),
         "MESH_LEASE": str(settings.lease),
+        "MESH_LOG_LEVEL": os.environ.get("MESH_LOG_LEVEL") or log_level,
     }
     specs = [
         ProcessSpec(
@@ -460,6 +476,7 @@ def up(
     use_netns: bool = False,
     command: Sequence[str] = (),
     ready_timeout: float = 60.0,
+    verbose: int = 0,
 ) -> int:
     """Run the manifest; with ``command``, run it once the mesh is up, then stop."""
     from mesh.keyfile import generate_key_file
@@ -480,7 +497,8 @@ def up(
                 settings, dns_listen=listen, nameservers=[listen]
             )
         try:
-            for spec in plan(manifest, settings, layout):
+            level = child_log_level(verbose)
+            for spec in plan(manifest, settings, layout, level):
                 supervisor.start(spec)
             wait_until_served(
                 settings, manifest.expected_records(), ready_timeout, supervisor
@@ -492,6 +510,10 @@ def up(
                     MESH_NAMESERVERS=",".join(settings.nameservers),
                     MESH_ZONE=manifest.zone,
                     MESH_KEY_FILE=str(key_file),
+                    # Its own host's runtime dir, beside the manifest hosts':
+                    # a temporary pool member it starts is cleaned up with them.
+                    MESH_RUNTIME_DIR=str(settings.runtime_dir),
+                    MESH_LOG_LEVEL=os.environ.get("MESH_LOG_LEVEL") or level,
                 )
                 child = subprocess.Popen(list(command), env=env)
                 while child.poll() is None:
@@ -508,7 +530,62 @@ def up(
             status = 0
         finally:
             supervisor.stop()
+            clean_runtime_dirs(
+                [settings.runtime_dir / h.name for h in manifest.hosts]
+                + [settings.runtime_dir]
+            )
     return status
+
+
+def clean_runtime_dirs(dirs: Sequence[Path]) -> None:
+    """Remove the election files `mesh up`'s processes left, once nobody uses them.
+
+    The lock, master record and member files of a pool stay on disk when
+    their processes exit (the lock is only an ``flock``; the record keeps the
+    epoch rising while the pool lives). After every process of the mesh has
+    stopped they mean nothing, so they go, unless some process outside this
+    mesh still holds a lock or is a live member: then the directory stays.
+    """
+    import fcntl
+
+    from mesh.pool.election import process_alive
+
+    for folder in dirs:
+        try:
+            entries = list(folder.iterdir())
+        except FileNotFoundError:
+            continue
+        in_use = False
+        for lock in [p for p in entries if p.suffix == ".lock"]:
+            try:
+                fd = os.open(lock, os.O_RDWR | os.O_CLOEXEC)
+            except FileNotFoundError:
+                continue
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                in_use = True
+            finally:
+                os.close(fd)
+        for members in [p for p in entries if p.name.endswith(".members")]:
+            for entry in members.glob("[!.]*"):
+                try:
+                    data = json.loads(entry.read_text())
+                    alive = process_alive(int(data["pid"]), int(data["start_time"]))
+                except (OSError, ValueError, KeyError, TypeError):
+                    continue
+                in_use = in_use or alive
+        if in_use:
+            log.warning("%s is still in use by another process; left in place", folder)
+            continue
+        for path in entries:
+            if path.is_dir() and path.name.endswith((".members", ".votes")):
+                shutil.rmtree(path, ignore_errors=True)
+            elif path.is_file() and path.suffix in (".lock", ".master"):
+                path.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            # Only when empty: a host directory holds nothing else of ours.
+            folder.rmdir()
 
 
 @contextmanager
@@ -549,6 +626,7 @@ def _cmd_up(args: argparse.Namespace) -> int:
         use_netns=args.netns,
         command=command,
         ready_timeout=args.ready_timeout,
+        verbose=args.verbose,
     )
 
 

@@ -305,11 +305,13 @@ class Master:
             if peer.alive and now - peer.last_heard > self.liveness_timeout:
                 self._peer_lost(peer, "its master stopped heartbeating")
 
-    def _member_lost(self, member_id: str, reason: str) -> None:
+    def _member_lost(self, member_id: str, reason: str, clean: bool = False) -> None:
         member = self._members.pop(member_id, None)
         if member is None:
             return
-        log.warning(
+        # A member that said goodbye is routine; one that went silent is not.
+        log.log(
+            logging.INFO if clean else logging.WARNING,
             "pool %r lost member %s (pid %d): %s",
             self.pool,
             member_id,
@@ -326,9 +328,15 @@ class Master:
                     bid, route, {"ev": "failed", "member": member_id, "reason": reason}
                 )
 
-    def _peer_lost(self, peer: _Peer, reason: str) -> None:
+    def _peer_lost(self, peer: _Peer, reason: str, clean: bool = False) -> None:
         peer.alive = False
-        log.warning("pool %r lost the master of %s: %s", self.pool, peer.host, reason)
+        log.log(
+            logging.INFO if clean else logging.WARNING,
+            "pool %r lost the master of %s: %s",
+            self.pool,
+            peer.host,
+            reason,
+        )
         dealer = self._dealers.pop(peer.endpoint, None)
         if dealer is not None:
             dealer.close(linger=0)
@@ -425,7 +433,7 @@ class Master:
                 and peer.alive
                 and peer.endpoint == header.get("endpoint")
             ):
-                self._peer_lost(peer, "its master resigned")
+                self._peer_lost(peer, "its master resigned", clean=True)
 
     def _peer_heartbeat(self, host: str, endpoint: str, epoch: int, now: float) -> None:
         peer = self._peers.get(host)
@@ -509,7 +517,7 @@ class Master:
                     bid, route, {"ev": "failed", "member": member_id, "reason": reason}
                 )
         elif kind == b"BYE":
-            self._member_lost(member_id, "left the pool")
+            self._member_lost(member_id, "left the pool", clean=True)
 
     def _broadcast(
         self, issuer: str, header: dict[str, Any], payload: bytes, now: float
