@@ -26,6 +26,7 @@ _COMMAND_MODULES = (
     "mesh.hit.cli",
     "mesh.pool.cli",
     "mesh.deploy",
+    "mesh.status",
     "mesh.workload",
 )
 
