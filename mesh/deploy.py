@@ -302,9 +302,13 @@ class Supervisor:
             elif now >= entry.next_start:
                 self._spawn(entry)
 
-    def stop(self) -> None:
-        """SIGTERM each process, newest first, waiting up to stop_timeout for each."""
-        for entry in reversed(self._running):
+    def stop(self, keep: int = 0) -> None:
+        """SIGTERM each process, newest first, waiting up to stop_timeout for each.
+
+        The first ``keep`` processes started are left running (and are no
+        longer restarted only once they are stopped too).
+        """
+        for entry in reversed(self._running[keep:]):
             proc = entry.proc
             entry.spec.restart = False
             if proc is None or proc.poll() is not None:
@@ -529,12 +533,56 @@ def up(
             log.info("%s: stopping the mesh", stop)
             status = 0
         finally:
+            # Servers first; they deregister on SIGTERM. The responder stays
+            # up a moment longer to take the deletes of what killed servers
+            # left behind, so the journal keeps nothing of this mesh.
+            supervisor.stop(keep=1)
+            responder = supervisor.processes().get("responder")
+            if responder is not None and responder.poll() is None:
+                purge_records(manifest, settings)
             supervisor.stop()
             clean_runtime_dirs(
                 [settings.runtime_dir / h.name for h in manifest.hosts]
                 + [settings.runtime_dir]
             )
     return status
+
+
+def purge_records(manifest: Manifest, settings: Settings) -> int:
+    """Delete the manifest's SRV records still in DNS once its servers stopped.
+
+    A server that stopped cleanly has deleted its own records; one that was
+    killed (and then replaced by a restart) left its records to run out
+    their lease. Every server of the manifest is stopped when this runs, so
+    whatever is left under its service and pool names is stale. Returns how
+    many SRV records were deleted; failures are logged, since the leases
+    remove the records anyway.
+    """
+    from mesh.discovery.cli import list_services
+    from mesh.discovery.register import Registrar
+    from mesh.keyfile import load_key
+    from mesh.pool.directory import master_service_name
+
+    names = {n.lower() for n in manifest.expected_records()}
+    names |= {master_service_name(p, manifest.zone).lower() for p in manifest.pools()}
+    deleted = 0
+    try:
+        key = load_key(settings.resolved_key_file)
+        rows = list_services(settings.nameservers, settings.zone, key, timeout=2.0)
+        registrar = Registrar(
+            settings.nameservers, settings.zone, key, timeout=1.0, budget=3.0
+        )
+        for row in rows:
+            if str(row["service"]).lower() not in names:
+                continue
+            deleted += registrar.unregister(
+                row["service"], row["target"], row["port"], row["addresses"]
+            )
+    except MeshError as exc:
+        log.warning("could not delete records left by killed servers: %s", exc)
+    if deleted:
+        log.info("deleted %d SRV record(s) left by killed servers", deleted)
+    return deleted
 
 
 def clean_runtime_dirs(dirs: Sequence[Path]) -> None:
@@ -602,14 +650,28 @@ def _netns_hosts(manifest: Manifest, enabled: bool) -> Iterator[NetnsLayout | No
 def _cmd_up(args: argparse.Namespace) -> int:
     from mesh.cli import settings_from_args
 
+    command = list(args.command)
+    if command[:1] != ["--"] and command[:1] and command[0].startswith("-"):
+        # REMAINDER also takes options written after the manifest
+        # (`mesh up m.toml -v -- cmd`): parse those, up to the "--", again,
+        # ahead of the manifest so that REMAINDER gets nothing this time.
+        cut = command.index("--") if "--" in command else len(command)
+        manifest_path = args.manifest
+        args._parser.parse_args([*command[:cut], manifest_path], namespace=args)
+        if args.command or args.manifest != manifest_path:
+            raise ConfigError(
+                f"cannot tell options from the command in {shlex.join(command)!r}. "
+                "Put the command to run after '--'."
+            )
+        command = command[cut:]
+    # argparse drops a "--" right after the manifest but not a later one.
+    command = command[1:] if command[:1] == ["--"] else command
     manifest = load_manifest(args.manifest)
     extra: dict[str, Any] = {"dns_listen": manifest.dns_listen, "lease": manifest.lease}
-    if manifest.key_file and not args.key_file:
-        extra["key_file"] = manifest.key_file
-    if manifest.state_dir and not args.state_dir:
-        extra["state_dir"] = manifest.state_dir
-    if manifest.runtime_dir and not args.runtime_dir:
-        extra["runtime_dir"] = manifest.runtime_dir
+    # The manifest's paths beat MESH_* variables; a flag beats the manifest.
+    args.key_file = args.key_file or manifest.key_file
+    args.state_dir = args.state_dir or manifest.state_dir
+    args.runtime_dir = args.runtime_dir or manifest.runtime_dir
     args.zone = args.zone or manifest.zone
     args.nameservers = args.nameservers or manifest.dns_listen
     settings = settings_from_args(args, **extra)
@@ -617,9 +679,6 @@ def _cmd_up(args: argparse.Namespace) -> int:
         raise ConfigError(
             "--netns needs root (network namespaces); run without it for loopback hosts"
         )
-    command = list(args.command)
-    if command and command[0] == "--":
-        command = command[1:]
     return up(
         manifest,
         settings,
@@ -652,4 +711,4 @@ def add_commands(sub: argparse._SubParsersAction[Any]) -> None:
     )
     p.add_argument("command", nargs=argparse.REMAINDER, help="-- CMD ARGS: run once up")
     add_settings_arguments(p)
-    p.set_defaults(func=_cmd_up)
+    p.set_defaults(func=_cmd_up, _parser=p)
