@@ -9,14 +9,15 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from mesh.config import Settings
 from mesh.errors import MeshError
 
-__all__ = ["add_settings_arguments", "main", "settings_from_args"]
+__all__ = ["add_settings_arguments", "log_level", "main", "settings_from_args"]
 
 # Modules whose add_commands() contributes subcommands, in help order.
 _COMMAND_MODULES = (
@@ -25,6 +26,8 @@ _COMMAND_MODULES = (
     "mesh.hit.cli",
     "mesh.pool.cli",
     "mesh.deploy",
+    "mesh.status",
+    "mesh.workload",
 )
 
 
@@ -58,6 +61,19 @@ def settings_from_args(args: argparse.Namespace, **extra: Any) -> Settings:
     )
 
 
+def log_level(verbose: int, env: Mapping[str, str] | None = None) -> int:
+    """INFO, or ``MESH_LOG_LEVEL`` when set; each ``-v`` is one level more.
+
+    ``mesh up`` sets ``MESH_LOG_LEVEL=WARNING`` for the processes it starts,
+    so a demo's terminal shows problems rather than every Hit.
+    """
+    text = (os.environ if env is None else env).get("MESH_LOG_LEVEL", "")
+    base = logging.getLevelName(text.strip().upper()) if text.strip() else None
+    if not isinstance(base, int):
+        base = logging.INFO
+    return max(logging.DEBUG, base - 10 * verbose)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="mesh",
@@ -72,7 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    level = logging.WARNING - 10 * min(getattr(args, "verbose", 0) + 1, 2)
+    level = log_level(getattr(args, "verbose", 0))
     logging.basicConfig(
         level=level,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",

@@ -15,10 +15,13 @@ to the others by veth links on a bridge, so each host has its own stack.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
+import json
 import logging
 import os
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -299,9 +302,13 @@ class Supervisor:
             elif now >= entry.next_start:
                 self._spawn(entry)
 
-    def stop(self) -> None:
-        """SIGTERM each process, newest first, waiting up to stop_timeout for each."""
-        for entry in reversed(self._running):
+    def stop(self, keep: int = 0) -> None:
+        """SIGTERM each process, newest first, waiting up to stop_timeout for each.
+
+        The first ``keep`` processes started are left running (and are no
+        longer restarted only once they are stopped too).
+        """
+        for entry in reversed(self._running[keep:]):
             proc = entry.proc
             entry.spec.restart = False
             if proc is None or proc.poll() is not None:
@@ -324,8 +331,20 @@ def _mesh_argv(*args: str) -> list[str]:
     return [sys.executable, "-m", "mesh", *args]
 
 
+def child_log_level(verbose: int) -> str:
+    """``MESH_LOG_LEVEL`` for what `mesh up` starts: WARNING, INFO with -v, DEBUG with -vv.
+
+    At INFO every Hit opened and every record registered is a line, which
+    buries the progress line and the workload's summary; problems still show.
+    """
+    return ("WARNING", "INFO", "DEBUG")[min(max(verbose, 0), 2)]
+
+
 def plan(
-    manifest: Manifest, settings: Settings, netns: NetnsLayout | None = None
+    manifest: Manifest,
+    settings: Settings,
+    netns: NetnsLayout | None = None,
+    log_level: str = "WARNING",
 ) -> list[ProcessSpec]:
     """Every process `mesh up` starts, in start order (responder first).
 
@@ -339,6 +358,7 @@ def plan(
         "MESH_KEY_FILE": str(settings.resolved_key_file),
         "MESH_STATE_DIR": str(settings.state_dir),
         "MESH_LEASE": str(settings.lease),
+        "MESH_LOG_LEVEL": os.environ.get("MESH_LOG_LEVEL") or log_level,
     }
     specs = [
         ProcessSpec(
@@ -460,6 +480,7 @@ def up(
     use_netns: bool = False,
     command: Sequence[str] = (),
     ready_timeout: float = 60.0,
+    verbose: int = 0,
 ) -> int:
     """Run the manifest; with ``command``, run it once the mesh is up, then stop."""
     from mesh.keyfile import generate_key_file
@@ -480,7 +501,8 @@ def up(
                 settings, dns_listen=listen, nameservers=[listen]
             )
         try:
-            for spec in plan(manifest, settings, layout):
+            level = child_log_level(verbose)
+            for spec in plan(manifest, settings, layout, level):
                 supervisor.start(spec)
             wait_until_served(
                 settings, manifest.expected_records(), ready_timeout, supervisor
@@ -492,6 +514,10 @@ def up(
                     MESH_NAMESERVERS=",".join(settings.nameservers),
                     MESH_ZONE=manifest.zone,
                     MESH_KEY_FILE=str(key_file),
+                    # Its own host's runtime dir, beside the manifest hosts':
+                    # a temporary pool member it starts is cleaned up with them.
+                    MESH_RUNTIME_DIR=str(settings.runtime_dir),
+                    MESH_LOG_LEVEL=os.environ.get("MESH_LOG_LEVEL") or level,
                 )
                 child = subprocess.Popen(list(command), env=env)
                 while child.poll() is None:
@@ -507,8 +533,107 @@ def up(
             log.info("%s: stopping the mesh", stop)
             status = 0
         finally:
+            # Servers first; they deregister on SIGTERM. The responder stays
+            # up a moment longer to take the deletes of what killed servers
+            # left behind, so the journal keeps nothing of this mesh.
+            supervisor.stop(keep=1)
+            responder = supervisor.processes().get("responder")
+            if responder is not None and responder.poll() is None:
+                purge_records(manifest, settings)
             supervisor.stop()
+            clean_runtime_dirs(
+                [settings.runtime_dir / h.name for h in manifest.hosts]
+                + [settings.runtime_dir]
+            )
     return status
+
+
+def purge_records(manifest: Manifest, settings: Settings) -> int:
+    """Delete the manifest's SRV records still in DNS once its servers stopped.
+
+    A server that stopped cleanly has deleted its own records; one that was
+    killed (and then replaced by a restart) left its records to run out
+    their lease. Every server of the manifest is stopped when this runs, so
+    whatever is left under its service and pool names is stale. Returns how
+    many SRV records were deleted; failures are logged, since the leases
+    remove the records anyway.
+    """
+    from mesh.discovery.cli import list_services
+    from mesh.discovery.register import Registrar
+    from mesh.keyfile import load_key
+    from mesh.pool.directory import master_service_name
+
+    names = {n.lower() for n in manifest.expected_records()}
+    names |= {master_service_name(p, manifest.zone).lower() for p in manifest.pools()}
+    deleted = 0
+    try:
+        key = load_key(settings.resolved_key_file)
+        rows = list_services(settings.nameservers, settings.zone, key, timeout=2.0)
+        registrar = Registrar(
+            settings.nameservers, settings.zone, key, timeout=1.0, budget=3.0
+        )
+        for row in rows:
+            if str(row["service"]).lower() not in names:
+                continue
+            deleted += registrar.unregister(
+                row["service"], row["target"], row["port"], row["addresses"]
+            )
+    except MeshError as exc:
+        log.warning("could not delete records left by killed servers: %s", exc)
+    if deleted:
+        log.info("deleted %d SRV record(s) left by killed servers", deleted)
+    return deleted
+
+
+def clean_runtime_dirs(dirs: Sequence[Path]) -> None:
+    """Remove the election files `mesh up`'s processes left, once nobody uses them.
+
+    The lock, master record and member files of a pool stay on disk when
+    their processes exit (the lock is only an ``flock``; the record keeps the
+    epoch rising while the pool lives). After every process of the mesh has
+    stopped they mean nothing, so they go, unless some process outside this
+    mesh still holds a lock or is a live member: then the directory stays.
+    """
+    import fcntl
+
+    from mesh.pool.election import process_alive
+
+    for folder in dirs:
+        try:
+            entries = list(folder.iterdir())
+        except FileNotFoundError:
+            continue
+        in_use = False
+        for lock in [p for p in entries if p.suffix == ".lock"]:
+            try:
+                fd = os.open(lock, os.O_RDWR | os.O_CLOEXEC)
+            except FileNotFoundError:
+                continue
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                in_use = True
+            finally:
+                os.close(fd)
+        for members in [p for p in entries if p.name.endswith(".members")]:
+            for entry in members.glob("[!.]*"):
+                try:
+                    data = json.loads(entry.read_text())
+                    alive = process_alive(int(data["pid"]), int(data["start_time"]))
+                except (OSError, ValueError, KeyError, TypeError):
+                    continue
+                in_use = in_use or alive
+        if in_use:
+            log.warning("%s is still in use by another process; left in place", folder)
+            continue
+        for path in entries:
+            if path.is_dir() and path.name.endswith((".members", ".votes")):
+                shutil.rmtree(path, ignore_errors=True)
+            elif path.is_file() and path.suffix in (".lock", ".master"):
+                path.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            # Only when empty: a host directory holds nothing else of ours.
+            folder.rmdir()
 
 
 @contextmanager
@@ -525,14 +650,28 @@ def _netns_hosts(manifest: Manifest, enabled: bool) -> Iterator[NetnsLayout | No
 def _cmd_up(args: argparse.Namespace) -> int:
     from mesh.cli import settings_from_args
 
+    command = list(args.command)
+    if command[:1] != ["--"] and command[:1] and command[0].startswith("-"):
+        # REMAINDER also takes options written after the manifest
+        # (`mesh up m.toml -v -- cmd`): parse those, up to the "--", again,
+        # ahead of the manifest so that REMAINDER gets nothing this time.
+        cut = command.index("--") if "--" in command else len(command)
+        manifest_path = args.manifest
+        args._parser.parse_args([*command[:cut], manifest_path], namespace=args)
+        if args.command or args.manifest != manifest_path:
+            raise ConfigError(
+                f"cannot tell options from the command in {shlex.join(command)!r}. "
+                "Put the command to run after '--'."
+            )
+        command = command[cut:]
+    # argparse drops a "--" right after the manifest but not a later one.
+    command = command[1:] if command[:1] == ["--"] else command
     manifest = load_manifest(args.manifest)
     extra: dict[str, Any] = {"dns_listen": manifest.dns_listen, "lease": manifest.lease}
-    if manifest.key_file and not args.key_file:
-        extra["key_file"] = manifest.key_file
-    if manifest.state_dir and not args.state_dir:
-        extra["state_dir"] = manifest.state_dir
-    if manifest.runtime_dir and not args.runtime_dir:
-        extra["runtime_dir"] = manifest.runtime_dir
+    # The manifest's paths beat MESH_* variables; a flag beats the manifest.
+    args.key_file = args.key_file or manifest.key_file
+    args.state_dir = args.state_dir or manifest.state_dir
+    args.runtime_dir = args.runtime_dir or manifest.runtime_dir
     args.zone = args.zone or manifest.zone
     args.nameservers = args.nameservers or manifest.dns_listen
     settings = settings_from_args(args, **extra)
@@ -540,15 +679,13 @@ def _cmd_up(args: argparse.Namespace) -> int:
         raise ConfigError(
             "--netns needs root (network namespaces); run without it for loopback hosts"
         )
-    command = list(args.command)
-    if command and command[0] == "--":
-        command = command[1:]
     return up(
         manifest,
         settings,
         use_netns=args.netns,
         command=command,
         ready_timeout=args.ready_timeout,
+        verbose=args.verbose,
     )
 
 
@@ -574,4 +711,4 @@ def add_commands(sub: argparse._SubParsersAction[Any]) -> None:
     )
     p.add_argument("command", nargs=argparse.REMAINDER, help="-- CMD ARGS: run once up")
     add_settings_arguments(p)
-    p.set_defaults(func=_cmd_up)
+    p.set_defaults(func=_cmd_up, _parser=p)

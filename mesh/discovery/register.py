@@ -42,6 +42,7 @@ import dns.query
 import dns.rcode
 import dns.rdata
 import dns.rdataclass
+import dns.rdataset
 import dns.rdatatype
 import dns.rdtypes.ANY.TSIG
 import dns.rdtypes.IN.SRV
@@ -462,13 +463,64 @@ class Registrar:
                 if self._address_users[(record.target, address)] <= 0:
                     del self._address_users[(record.target, address)]
                     unused.append(address)
+        deadline = time.monotonic() + budget
         self._send(
-            lambda: build_delete(self.zone, self.key, record, unused),
+            lambda: build_delete(self.zone, self.key, record, []),
             "delete " + record.describe(),
             None,
             budget,
         )
         log.info("deleted %s", record.describe())
+        if unused:
+            self._delete_addresses(record, unused, deadline)
+
+    def _delete_addresses(
+        self, record: Record, addresses: list[str], deadline: float
+    ) -> None:
+        """Delete the target's addresses unless another SRV record still uses them.
+
+        Several processes on one host (replicas, systemd instances) register
+        SRV records of one service pointing at one target name; the first to
+        stop must not take the address the others are still reached by. So
+        the SRV RRset is read after our own record went, and the addresses
+        are deleted only if no remaining record names our target, with that
+        very RRset as an RFC 2136 prerequisite (section 2.4.2, or "RRset does
+        not exist" when it is empty): a server registering in between makes
+        the prerequisite fail, and we look again. A target shared by two
+        services is not seen here; its address comes back at the other's
+        next renewal.
+        """
+        what = f"delete addresses of {record.target}"
+        for _ in range(3):
+            remaining = self._current_srv(record.srv_name)
+            if any(rd.target == record.target for rd in remaining):
+                log.debug("%s kept: other SRV records still name it", record.target)
+                return
+            budget = deadline - time.monotonic()
+            if budget <= 0:
+                return
+
+            def build(
+                remaining: list[dns.rdtypes.IN.SRV.SRV] = remaining,
+            ) -> dns.message.Message:
+                update = dns.update.UpdateMessage(self.zone)
+                if remaining:
+                    rdataset = dns.rdataset.from_rdata_list(0, remaining)
+                    update.present(record.srv_name, rdataset)
+                else:
+                    update.absent(record.srv_name, dns.rdatatype.SRV)
+                for address in addresses:
+                    update.delete(record.target, _address_rdata(address))
+                update.use_tsig(self.key)
+                return update
+
+            try:
+                self._send(build, what, None, budget)
+                return
+            except RegistrationRejected as exc:
+                if exc.rcode not in ("NXRRSET", "YXRRSET"):
+                    raise
+                log.debug("%s: the SRV RRset changed meanwhile; looking again", what)
 
     def _asked(self) -> str:
         return ", ".join(str(ns) for ns in self.nameservers)

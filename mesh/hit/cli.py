@@ -133,7 +133,11 @@ def _serve(args: argparse.Namespace) -> int:
     advertise = [
         a.strip() for a in (args.advertise or args.bind).split(",") if a.strip()
     ]
-    if any(a in ("0.0.0.0", "::") for a in advertise):
+    # Only what is published must be reachable; an unregistered server (in
+    # Kubernetes, where the platform publishes the pod address) may bind the
+    # wildcard and advertise nothing.
+    wildcard = any(a in ("0.0.0.0", "::") for a in advertise)
+    if wildcard and (not args.no_register or args.pool):
         raise ConfigError(
             f"cannot advertise the wildcard address {args.bind}. "
             "Give --advertise with the address clients should use."

@@ -28,6 +28,14 @@ broadcast that counted on it hears ``host_lost``.
 
 Wire format (multipart): ``[kind, json header, payload?]``; from members the
 ROUTER prepends their identity (the member id).
+
+Status
+------
+Anyone may send ``[STATUS, {}]`` to a master's peer endpoint (the one in
+DNS) and gets ``[STATUS, json]`` back on the same connection: the master's
+record, its members with how long ago each was heard, and the peers it knows.
+It changes nothing, so ``mesh status`` can ask every master it finds;
+:func:`query_status` is that client.
 """
 
 from __future__ import annotations
@@ -48,7 +56,7 @@ from mesh.pool.directory import MasterDirectory, zmq_endpoint
 from mesh.pool.election import Election, MasterRecord, process_start_time
 from mesh.pool.tracker import MemberInfo
 
-__all__ = ["Master", "encode", "decode"]
+__all__ = ["Master", "decode", "encode", "query_status"]
 
 log = logging.getLogger(__name__)
 
@@ -172,6 +180,7 @@ class Master:
             local_port = local.bind_to_random_port(_bind_address(self.host))
             peer_port = peer.bind_to_random_port(_bind_address(self.host))
             self._local = local
+            self._peer_sock = peer
             start_time = process_start_time(os.getpid()) or 0
             self.record = MasterRecord(
                 host=self.host,
@@ -305,11 +314,13 @@ class Master:
             if peer.alive and now - peer.last_heard > self.liveness_timeout:
                 self._peer_lost(peer, "its master stopped heartbeating")
 
-    def _member_lost(self, member_id: str, reason: str) -> None:
+    def _member_lost(self, member_id: str, reason: str, clean: bool = False) -> None:
         member = self._members.pop(member_id, None)
         if member is None:
             return
-        log.warning(
+        # A member that said goodbye is routine; one that went silent is not.
+        log.log(
+            logging.INFO if clean else logging.WARNING,
             "pool %r lost member %s (pid %d): %s",
             self.pool,
             member_id,
@@ -326,9 +337,15 @@ class Master:
                     bid, route, {"ev": "failed", "member": member_id, "reason": reason}
                 )
 
-    def _peer_lost(self, peer: _Peer, reason: str) -> None:
+    def _peer_lost(self, peer: _Peer, reason: str, clean: bool = False) -> None:
         peer.alive = False
-        log.warning("pool %r lost the master of %s: %s", self.pool, peer.host, reason)
+        log.log(
+            logging.INFO if clean else logging.WARNING,
+            "pool %r lost the master of %s: %s",
+            self.pool,
+            peer.host,
+            reason,
+        )
         dealer = self._dealers.pop(peer.endpoint, None)
         if dealer is not None:
             dealer.close(linger=0)
@@ -390,6 +407,9 @@ class Master:
 
     def _on_peer(self, frames: list[bytes], now: float) -> None:
         kind, header = frames[1], decode(frames[2])
+        if kind == b"STATUS":
+            self._answer_status(frames[0], now)
+            return
         host = str(header["host"])
         if kind == b"HB":
             self._peer_heartbeat(
@@ -425,7 +445,7 @@ class Master:
                 and peer.alive
                 and peer.endpoint == header.get("endpoint")
             ):
-                self._peer_lost(peer, "its master resigned")
+                self._peer_lost(peer, "its master resigned", clean=True)
 
     def _peer_heartbeat(self, host: str, endpoint: str, epoch: int, now: float) -> None:
         peer = self._peers.get(host)
@@ -454,6 +474,35 @@ class Master:
             self._ensure_dealer(endpoint)
         peer.alive = True
         peer.last_heard = now
+
+    def _answer_status(self, identity: bytes, now: float) -> None:
+        assert self.record is not None
+        status = {
+            "pool": self.pool,
+            "record": dataclasses.asdict(self.record),
+            "members": [
+                {**m.info.to_wire(), "heard_ago": round(now - m.last_heard, 3)}
+                for m in sorted(self._members.values(), key=lambda m: m.info.id)
+            ],
+            "peers": [
+                {
+                    "host": p.host,
+                    "endpoint": p.endpoint,
+                    "epoch": p.epoch,
+                    "alive": p.alive,
+                    "heard_ago": round(now - p.last_heard, 3),
+                }
+                for p in sorted(self._peers.values(), key=lambda p: p.host)
+            ],
+            "broadcasts": len(self._routes),
+        }
+        try:
+            self._peer_sock.send_multipart(
+                [identity, b"STATUS", encode(status)], zmq.NOBLOCK
+            )
+        except zmq.ZMQError as exc:
+            # The asker left or its queue is full; it will time out.
+            log.debug("cannot answer a status query: %s", exc)
 
     # -- local members ----------------------------------------------------------
 
@@ -509,7 +558,7 @@ class Master:
                     bid, route, {"ev": "failed", "member": member_id, "reason": reason}
                 )
         elif kind == b"BYE":
-            self._member_lost(member_id, "left the pool")
+            self._member_lost(member_id, "left the pool", clean=True)
 
     def _broadcast(
         self, issuer: str, header: dict[str, Any], payload: bytes, now: float
@@ -608,6 +657,42 @@ class Master:
         bye = encode({"host": self.host, "endpoint": self.record.peer_endpoint})
         for endpoint in list(self._dealers):
             self._send_dealer(endpoint, [b"BYE", bye])
+
+
+def query_status(
+    context: zmq.Context[Any], endpoint: str, timeout: float
+) -> dict[str, Any] | None:
+    """Ask the master at ``endpoint`` (its peer endpoint) for its status.
+
+    Returns the decoded answer, or ``None`` when none came within
+    ``timeout`` seconds (a stale DNS record, a hung or unreachable master).
+    """
+    sock = context.socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    # Nothing queued for a master that is not there: no send waits on it.
+    sock.setsockopt(zmq.IMMEDIATE, 1)
+    sock.setsockopt(zmq.IPV6, 1)
+    try:
+        sock.connect(endpoint)
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                sock.send_multipart([b"STATUS", encode({})], zmq.NOBLOCK)
+                break
+            except zmq.Again:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return None
+                sock.poll(int(min(remaining, 0.1) * 1000) + 1, zmq.POLLOUT)
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or not sock.poll(int(remaining * 1000) + 1):
+                return None
+            frames = sock.recv_multipart()
+            if len(frames) >= 2 and frames[0] == b"STATUS":
+                return decode(frames[1])
+    finally:
+        sock.close(linger=0)
 
 
 def _bind_address(host: str) -> str:

@@ -1,4 +1,5 @@
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -7,6 +8,7 @@ from mesh.deploy import load_manifest, plan
 from mesh.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[2]
+MANIFEST = (ROOT / "deploy" / "local.toml").read_text()
 
 
 def test_local_manifest_reads() -> None:
@@ -68,3 +70,51 @@ def test_bad_manifests_name_the_mistake(
     path.write_text(body)
     with pytest.raises(ConfigError, match=message):
         load_manifest(path)
+
+
+@pytest.mark.parametrize(
+    ("argv", "command", "ready_timeout", "verbose"),
+    [
+        (["m.toml", "--", "mesh", "workload", "-v"], ["mesh", "workload", "-v"], 60, 0),
+        (
+            ["m.toml", "--ready-timeout", "7", "-v", "--", "x", "--y"],
+            ["x", "--y"],
+            7,
+            1,
+        ),
+        (["--ready-timeout", "5", "m.toml"], [], 5, 0),
+        (["m.toml", "--ready-timeout", "9"], [], 9, 0),
+    ],
+)
+def test_up_tells_its_options_from_the_command(
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+    argv: list[str],
+    command: list[str],
+    ready_timeout: float,
+    verbose: int,
+) -> None:
+    import mesh.deploy
+    from mesh.cli import build_parser
+
+    seen: dict[str, Any] = {}
+    monkeypatch.setattr(mesh.deploy, "up", lambda m, s, **kw: seen.update(kw) or 0)
+    (tmp_path / "m.toml").write_text(MANIFEST)
+    monkeypatch.chdir(tmp_path)
+    args = build_parser().parse_args(["up", *argv])
+    assert args.func(args) == 0
+    assert seen["command"] == command
+    assert seen["ready_timeout"] == ready_timeout
+    assert seen["verbose"] == verbose
+
+
+def test_up_refuses_a_command_it_cannot_tell_from_options(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    from mesh.cli import build_parser
+
+    (tmp_path / "m.toml").write_text(MANIFEST)
+    monkeypatch.chdir(tmp_path)
+    args = build_parser().parse_args(["up", "m.toml", "-v", "mesh", "workload"])
+    with pytest.raises(ConfigError, match="after '--'"):
+        args.func(args)

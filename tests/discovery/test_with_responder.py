@@ -113,6 +113,36 @@ def test_two_servers_share_an_address_record(
     second.close()
 
 
+def test_a_replica_stopping_keeps_the_address_its_sibling_uses(
+    responder: Any,
+) -> None:
+    # Two registrars stand for two processes on one host: neither knows the
+    # other uses the target's address record.
+    def registrar() -> Registrar:
+        return Registrar([responder.address], responder.zone, responder.key)
+
+    first = registrar().register(SVC, "host-a", 5000, ["127.0.0.2"])
+    second = registrar().register(SVC, "host-a", 5001, ["127.0.0.2"])
+    other_host = registrar().register(SVC, "host-b", 5002, ["127.0.0.3"])
+    first.close()
+    targets = Resolver([responder.address]).resolve(SVC)
+    assert sorted(t.endpoint for t in targets) == [
+        "tcp://127.0.0.2:5001",
+        "tcp://127.0.0.3:5002",
+    ]
+    second.close()
+    # The last user of host-a's address took it along; host-b's stays.
+    resolver = dns.resolver.Resolver(configure=False)
+    resolver.nameservers = [responder.host]
+    resolver.port = responder.port
+    with pytest.raises(dns.resolver.NXDOMAIN):
+        resolver.resolve("host-a.mesh.internal.", "A")
+    assert [r.address for r in resolver.resolve("host-b.mesh.internal.", "A")] == [
+        "127.0.0.3"
+    ]
+    other_host.close()
+
+
 def test_wrong_key_is_rejected_and_changes_nothing(
     responder: Any, tmp_path: Any
 ) -> None:
