@@ -36,7 +36,15 @@ import dns.tsig
 from mesh.config import Settings
 from mesh.errors import ConfigError
 
-__all__ = ["PoolHost", "Status", "add_commands", "collect", "journal_leases"]
+__all__ = [
+    "PoolHost",
+    "Status",
+    "add_commands",
+    "collect",
+    "journal_leases",
+    "lease_text",
+    "srv_key",
+]
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +54,7 @@ _MASTER_PREFIX = "_master._tcp."
 _SrvKey = tuple[str, int, int, int, str]
 
 
-def _srv_key(
+def srv_key(
     service: str, priority: int, weight: int, port: int, target: str
 ) -> _SrvKey:
     return (service.lower(), priority, weight, port, target.lower())
@@ -78,7 +86,7 @@ def journal_leases(
                 dns.rdataclass.IN, dns.rdatatype.SRV, entry["rdata"]
             )
             assert isinstance(rd, dns.rdtypes.IN.SRV.SRV)
-            key = _srv_key(
+            key = srv_key(
                 dns.name.from_text(entry["name"]).to_text(),
                 rd.priority,
                 rd.weight,
@@ -149,9 +157,7 @@ def collect(settings: Settings, timeout: float = 2.0) -> Status:
             pool = name[len(_MASTER_PREFIX) : -len(zone_suffix)]
             masters.append((pool, row))
             continue
-        key_ = _srv_key(
-            name, row["priority"], row["weight"], row["port"], row["target"]
-        )
+        key_ = srv_key(name, row["priority"], row["weight"], row["port"], row["target"])
         services.append({**row, "lease": leases.get(key_)})
 
     pools: dict[str, list[PoolHost]] = {}
@@ -188,7 +194,7 @@ def collect(settings: Settings, timeout: float = 2.0) -> Status:
     )
 
 
-def _lease_text(lease: float | None) -> str:
+def lease_text(lease: float | None) -> str:
     return "-" if lease is None else f"{lease:.0f}s"
 
 
@@ -215,7 +221,7 @@ def format_status(status: Status, out: IO[str]) -> None:
                     str(s["priority"]),
                     str(s["weight"]),
                     str(s["ttl"]),
-                    _lease_text(s["lease"]),
+                    lease_text(s["lease"]),
                 )
             )
         _table(rows, out, "  ")

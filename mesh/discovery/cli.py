@@ -80,7 +80,7 @@ def add_commands(sub: argparse._SubParsersAction[Any]) -> None:
 
     ls = sub.add_parser(
         "ls",
-        help="list the zone's services",
+        help="list the zone's services with targets, weights and leases",
         description=(
             "List every SRV record in the zone with its targets, addresses, "
             "priorities, weights and TTLs, read by a zone transfer (AXFR) "
@@ -249,7 +249,11 @@ def _ls(args: argparse.Namespace) -> int:
         log.info("zone transfer unsigned: %s", exc)
         key = None
     rows = list_services(settings.nameservers, settings.zone, key)
-    header = ("SERVICE", "PRI", "WEIGHT", "PORT", "TARGET", "TTL", "ADDRESSES")
+    # Imported here: mesh.status builds on this module.
+    from mesh.status import journal_leases, lease_text, srv_key
+
+    leases = journal_leases(settings.state_dir)
+    header = ("SERVICE", "PRI", "WEIGHT", "PORT", "TARGET", "TTL", "LEASE", "ADDRESSES")
     table = [header] + [
         (
             r["service"],
@@ -258,6 +262,13 @@ def _ls(args: argparse.Namespace) -> int:
             str(r["port"]),
             r["target"],
             str(r["ttl"]),
+            lease_text(
+                leases.get(
+                    srv_key(
+                        r["service"], r["priority"], r["weight"], r["port"], r["target"]
+                    )
+                )
+            ),
             ",".join(r["addresses"]) or "-",
         )
         for r in rows

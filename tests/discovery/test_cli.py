@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -53,11 +54,15 @@ def test_register_ls_unregister(
     targets = Resolver([responder.address]).resolve(SVC)
     assert {t.endpoint for t in targets} == {"tcp://127.0.0.7:7000", "tcp://[::1]:7000"}
     capsys.readouterr()
-    assert main(["ls", *flags]) == 0
+    assert main(["ls", *flags, "--state-dir", str(responder.state_dir)]) == 0
     listing = capsys.readouterr().out
+    assert "LEASE" in listing.splitlines()[0]
     line = next(x for x in listing.splitlines() if x.startswith(SVC))
     assert "web-1.mesh.internal." in line and "7000" in line and " 5 " in line
     assert "127.0.0.7" in line and "::1" in line
+    # The remaining lease, read from the responder's journal: at most 30 s.
+    lease = re.search(r" (\d+)s ", line)
+    assert lease is not None and 0 < int(lease.group(1)) <= 30
     assert main(["unregister", "orders", "7000", "--target", "web-1", *flags]) == 0
     assert "deleted 1 SRV" in capsys.readouterr().out
     with pytest.raises(ServiceNotFound):
