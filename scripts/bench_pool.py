@@ -613,7 +613,7 @@ def worst(values: list[float | None]) -> float:
 
 def row(name: str, value: str, goal: str = "", ok: bool | None = None) -> None:
     tail = f"  goal {goal}: {verdict(ok)}" if ok is not None else ""
-    print(f"  {name:<40}{value:<32}{tail}")
+    print(f"  {name:<44}{value:<34}{tail}")
 
 
 def measure_broadcasts(pool: Pool, raw: Raw) -> None:

@@ -17,8 +17,9 @@ request for its own members and lists them (``expect``). A peer master does
 the same for its members and sends its ``expect`` back to the origin. Each
 member's ``WORKING``/``REPLY``/``FAILED`` goes to its master, which relays it
 to the origin, which relays it to the issuer. Every master keeps a route per
-broadcast id until the broadcast's deadline, so an answer for an expired or
-unknown id has nowhere to go and is dropped.
+broadcast id until the broadcast's deadline (a master that only serves its
+own members drops it as soon as they have all answered), so an answer for an
+expired or unknown id has nowhere to go and is dropped.
 
 Sends never drop silently: the member ROUTER has ``ROUTER_MANDATORY`` on and
 every send is non-blocking, so an unknown identity (EHOSTUNREACH) or a full
@@ -27,7 +28,10 @@ stops heartbeating is declared lost after the liveness window and every open
 broadcast that counted on it hears ``host_lost``.
 
 Wire format (multipart): ``[kind, json header, payload?]``; from members the
-ROUTER prepends their identity (the member id).
+ROUTER prepends their identity (the member id). Events towards the issuer are
+``[EV, broadcast id, json header, payload]``: with the id in a frame of its
+own, the origin master and the issuing member route them without parsing
+the header, and the origin relays a peer's event unchanged.
 """
 
 from __future__ import annotations
@@ -256,7 +260,11 @@ class Master:
             if now >= next_beat:
                 next_beat = now + self.interval
                 self._heartbeat(local, now)
-            self._expire(now)
+                # Once a beat is often enough: a route outlives its deadline
+                # by ROUTE_GRACE anyway, and scanning every route on every
+                # message cost more than the rest of the relay when many
+                # broadcasts were open.
+                self._expire(now)
             wait = max(0.0, min(next_beat - now, self.interval / 2))
             for sock, _ in poller.poll(int(wait * 1000) + 1):
                 # Drain what is queued, but bounded so heartbeats stay on time.
@@ -325,6 +333,7 @@ class Master:
                 self._to_origin(
                     bid, route, {"ev": "failed", "member": member_id, "reason": reason}
                 )
+                self._drop_if_settled(bid, route)
 
     def _peer_lost(self, peer: _Peer, reason: str) -> None:
         peer.alive = False
@@ -346,6 +355,16 @@ class Master:
     def _expire(self, now: float) -> None:
         for bid in [b for b, r in self._routes.items() if r.expires < now]:
             del self._routes[bid]
+
+    def _drop_if_settled(self, bid: str, route: _Route) -> None:
+        """Forget a peer's broadcast once every member here has answered.
+
+        Nothing more can be relayed for it: a later answer for that id is a
+        duplicate or late, and is dropped as if the route had expired. The
+        origin keeps its route until the deadline, for the other hosts.
+        """
+        if route.issuer is None and not route.pending_members:
+            self._routes.pop(bid, None)
 
     # -- peers ------------------------------------------------------------------
 
@@ -389,7 +408,20 @@ class Master:
         return self._send_dealer(peer.endpoint, frames)
 
     def _on_peer(self, frames: list[bytes], now: float) -> None:
-        kind, header = frames[1], decode(frames[2])
+        kind = frames[1]
+        if kind == b"EV":
+            bid = frames[2].decode()
+            origin = self._routes.get(bid)
+            if origin is None or origin.issuer is None:
+                log.debug("dropping event for unknown broadcast %s", bid)
+                return
+            # The peer's event already names its broadcast and host: relay as is.
+            error = self._send_local(origin.issuer, frames[1:])
+            if error is not None:
+                log.debug("issuer of %s is gone (%s); dropping its route", bid, error)
+                self._routes.pop(bid, None)
+            return
+        header = decode(frames[2])
         host = str(header["host"])
         if kind == b"HB":
             self._peer_heartbeat(
@@ -410,14 +442,6 @@ class Master:
             self._deliver_local(
                 bid, route, exclude, float(header["timeout"]), frames[3]
             )
-        elif kind == b"EV":
-            bid = str(header["bid"])
-            origin = self._routes.get(bid)
-            if origin is None or origin.issuer is None:
-                log.debug("dropping event for unknown broadcast %s", bid)
-                return
-            payload = frames[3] if len(frames) > 3 else b""
-            self._to_origin(bid, origin, header, payload)
         elif kind == b"BYE":
             peer = self._peers.get(host)
             if (
@@ -502,12 +526,14 @@ class Master:
                 self._to_origin(
                     bid, route, {"ev": "reply", "member": member_id}, frames[3]
                 )
+                self._drop_if_settled(bid, route)
             else:
                 route.pending_members.discard(member_id)
                 reason = frames[3].decode(errors="replace")
                 self._to_origin(
                     bid, route, {"ev": "failed", "member": member_id, "reason": reason}
                 )
+                self._drop_if_settled(bid, route)
         elif kind == b"BYE":
             self._member_lost(member_id, "left the pool")
 
@@ -581,12 +607,13 @@ class Master:
                     route,
                     {"ev": "undeliverable", "member": member.info.id, "reason": error},
                 )
+        self._drop_if_settled(bid, route)
 
     def _to_origin(
         self, bid: str, route: _Route, event: dict[str, Any], payload: bytes = b""
     ) -> None:
         event = {**event, "bid": bid, "host": event.get("host", self.host)}
-        frames = [b"EV", encode(event), payload]
+        frames = [b"EV", bid.encode(), encode(event), payload]
         if route.issuer is not None:
             error = self._send_local(route.issuer, frames)
             if error is not None:
