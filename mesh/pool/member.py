@@ -66,7 +66,7 @@ from mesh.pool.election import (
     process_alive,
     process_start_time,
 )
-from mesh.pool.master import Master, decode, encode
+from mesh.pool.master import Master, decode, encode, recv_nowait, send_nowait
 from mesh.pool.tracker import BroadcastResult, GatherTracker, MemberInfo
 
 __all__ = ["PoolMember", "demo_handler", "main"]
@@ -205,7 +205,7 @@ class PoolMember:
             elected within the liveness window, or it is hung and killing it
             is disabled).
         """
-        if not self._started or self._closed:
+        if not self._started or self._closed or not self._thread.is_alive():
             raise PoolError(f"pool member {self.info.id!r} is not running")
         now = time.monotonic()
         if deadline is None:
@@ -412,7 +412,7 @@ class PoolMember:
             if dealer is not None and dealer in ready:
                 while True:
                     try:
-                        frames = dealer.recv_multipart(zmq.NOBLOCK)
+                        frames = recv_nowait(dealer)
                     except zmq.Again:
                         break
                     kind = frames[0]
@@ -435,7 +435,7 @@ class PoolMember:
             if results in ready:
                 while True:
                     try:
-                        bid_raw, status, body = results.recv_multipart(zmq.NOBLOCK)
+                        bid_raw, status, body = recv_nowait(results)
                     except zmq.Again:
                         break
                     working.discard(bid_raw.decode())
@@ -554,7 +554,9 @@ class PoolMember:
         self, calls: dict[str, _Call], call: _Call, frames: list[bytes], now: float
     ) -> None:
         try:
-            _feed(call.tracker, decode(frames[2]), frames[3], now)
+            # [EV, bid, (header, payload)...]: events arrive batched.
+            for i in range(2, len(frames) - 1, 2):
+                _feed(call.tracker, decode(frames[i]), frames[i + 1], now)
         except (ValueError, KeyError, TypeError, IndexError) as exc:
             log.warning("dropping malformed pool event: %s", exc)
             return
@@ -575,7 +577,7 @@ class PoolMember:
     @staticmethod
     def _send(dealer: zmq.Socket[bytes], frames: list[bytes]) -> bool:
         try:
-            dealer.send_multipart(frames, zmq.NOBLOCK)
+            send_nowait(dealer, frames)
         except zmq.Again:
             log.warning("send queue to the master is full; message not sent")
             return False
