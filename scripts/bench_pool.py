@@ -597,23 +597,24 @@ def verdict(ok: bool) -> str:
     return "met" if ok else "NOT MET"
 
 
-def seconds(values: list[float | None]) -> str:
+def row(
+    name: str,
+    values: list[float | None],
+    beat: str,
+    goal: str = "",
+    ok: bool | None = None,
+) -> None:
     got = [v for v in values if v is not None]
-    if not got:
-        return "never"
-    text = f"{statistics.median(got):.2f}s (max {max(got):.2f}s, n={len(got)})"
+    median = f"{statistics.median(got):.2f}s" if got else "never"
+    most = f"{max(got):.2f}s" if got else "-"
     if len(got) < len(values):
-        text += f", {len(values) - len(got)} never"
-    return text
+        most += f" ({len(values) - len(got)} never)"
+    tail = f"{goal:<16}{verdict(ok)}" if ok is not None else ""
+    print(f"  {name:<42}{median:>7}{most:>8}{len(values):>4}  {beat:<12}{tail}")
 
 
 def worst(values: list[float | None]) -> float:
     return max((v if v is not None else float("inf")) for v in values)
-
-
-def row(name: str, value: str, goal: str = "", ok: bool | None = None) -> None:
-    tail = f"  goal {goal}: {verdict(ok)}" if ok is not None else ""
-    print(f"  {name:<44}{value:<34}{tail}")
 
 
 def measure_broadcasts(pool: Pool, raw: Raw) -> None:
@@ -664,44 +665,44 @@ def measure_broadcasts(pool: Pool, raw: Raw) -> None:
 def measure_failures(pool: Pool) -> None:
     i = pool.settings.heartbeat_interval
     live = i * pool.settings.heartbeat_liveness
-    beat = (
-        f"heartbeat {i * 1000:.0f} ms x {pool.settings.heartbeat_liveness}"
-        f" (liveness {live:.2f}s)"
+    beat = f"{i * 1000:.0f}ms x {pool.settings.heartbeat_liveness}"
+    print(
+        f"failure detection and failover: heartbeat interval i = {i * 1000:.0f} ms,"
+        f" liveness L = {pool.settings.heartbeat_liveness} beats = {live:.2f}s"
     )
-    print(f"failure detection and failover, {beat}")
+    print(f"  {'':<42}{'median':>7}{'max':>8}{'n':>4}  {'heartbeat':<12}goal")
 
     def healed() -> None:
         pool.heal()
         pool.converge(30.0)
 
     killed: list[float | None] = []
+    stopped: list[float | None] = []
     reasons = set()
     for host in (HOSTS[1], HOSTS[2], HOSTS[1]):
         took, reason = member_failed(pool, host, signal.SIGKILL)
         killed.append(took)
-        reasons.add(reason)
+        reasons.add(f"SIGKILL: {reason}")
         healed()
-    row(
-        "SIGKILLed member marked failed",
-        seconds(killed),
-        f"<= {live:.2f}s (liveness)",
-        worst(killed) <= live,
-    )
-    print(f"    reason: {'; '.join(sorted(reasons))}")
-    stopped: list[float | None] = []
-    reasons = set()
     for host in (HOSTS[2], HOSTS[1]):
         took, reason = member_failed(pool, host, signal.SIGSTOP)
         stopped.append(took)
-        reasons.add(reason)
+        reasons.add(f"SIGSTOP: {reason}")
         healed()
     row(
-        "SIGSTOPped member marked failed",
-        seconds(stopped),
-        f"<= {live + i:.2f}s (liveness + 1 beat)",
+        "SIGKILLed member -> issuer has it failed",
+        killed,
+        beat,
+        f"<= L = {live:.2f}s",
+        worst(killed) <= live,
+    )
+    row(
+        "SIGSTOPped member -> issuer has it failed",
+        stopped,
+        beat,
+        f"<= L+i = {live + i:.2f}s",
         worst(stopped) <= live + i,
     )
-    print(f"    reason: {'; '.join(sorted(reasons))}")
 
     detected: list[float | None] = []
     restored: list[float | None] = []
@@ -712,12 +713,13 @@ def measure_failures(pool: Pool) -> None:
         restored.append(back)
         after.append(None if took is None or back is None else max(0.0, back - took))
         healed()
-    row("master SIGKILL -> new master recorded", seconds(detected))
-    row("master SIGKILL -> broadcast complete", seconds(restored))
+    row("master SIGKILL -> new master recorded", detected, beat)
+    row("master SIGKILL -> broadcast complete", restored, beat)
     row(
-        "new master recorded -> broadcast complete",
-        seconds(after),
-        f"<= {2 * i:.2f}s (2 beats)",
+        "  new master recorded -> complete",
+        after,
+        beat,
+        f"<= 2i = {2 * i:.2f}s",
         worst(after) <= 2 * i,
     )
 
@@ -732,12 +734,14 @@ def measure_failures(pool: Pool) -> None:
         healed()
     row(
         "master SIGSTOP -> new master recorded",
-        seconds(replaced),
+        replaced,
+        beat,
         "<= 3.00s",
         worst(replaced) <= 3.0 and all(by_quorum),
     )
-    row("master SIGSTOP -> broadcast complete", seconds(restored))
-    print(f"    hung master killed by the members' quorum: {sum(by_quorum)} of 2")
+    row("master SIGSTOP -> broadcast complete", restored, beat)
+    print(f"  failure reasons seen: {'; '.join(sorted(reasons))}")
+    print(f"  hung masters killed by their members' quorum: {sum(by_quorum)} of 2")
 
 
 def main() -> int:
