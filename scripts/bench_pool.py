@@ -68,8 +68,10 @@ ISSUER_HOST = HOSTS[0]
 PAYLOAD = b"x" * 64
 # Per-broadcast budget while measuring: far above any healthy round trip.
 BROADCAST_TIMEOUT = 5.0
-# Failover probes: one broadcast every PROBE_SPACING s, each with this budget.
-PROBE_SPACING = 0.04
+# Failover probes: one broadcast every PROBE_SPACING s, each with this budget;
+# "broadcast complete" times are the start of the first probe that reached
+# every member, so they are accurate to PROBE_SPACING.
+PROBE_SPACING = 0.025
 PROBE_TIMEOUT = 1.5
 
 # A pool member as a server embeds it: the demo handler, except that

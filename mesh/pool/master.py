@@ -339,13 +339,7 @@ class Master:
             error = self._send_local(member_id, [b"HB", beat])
             if error is not None:
                 self._member_lost(member_id, error)
-        header = encode(
-            {
-                "host": self.host,
-                "epoch": self.record.epoch,
-                "endpoint": self.record.peer_endpoint,
-            }
-        )
+        header = self._peer_beat()
         for endpoint in list(self._dealers):
             self._send_dealer(endpoint, [b"HB", header])
         for peer in self._peers.values():
@@ -421,6 +415,16 @@ class Master:
     def _known_hosts(self) -> set[str]:
         return (set(self._dns_endpoints.values()) | set(self._peers)) - {self.host}
 
+    def _peer_beat(self) -> bytes:
+        assert self.record is not None
+        return encode(
+            {
+                "host": self.host,
+                "epoch": self.record.epoch,
+                "endpoint": self.record.peer_endpoint,
+            }
+        )
+
     def _ensure_dealer(self, endpoint: str) -> None:
         if endpoint in self._dealers:
             return
@@ -429,6 +433,10 @@ class Master:
         dealer.setsockopt(zmq.IPV6, 1)
         dealer.connect(endpoint)
         self._dealers[endpoint] = dealer
+        # Announce ourselves now rather than at the next beat: after a
+        # takeover, the peers route to this master from its first heartbeat,
+        # and waiting for the beat kept them on the dead one up to ``i``.
+        self._send_dealer(endpoint, [b"HB", self._peer_beat()])
 
     def _send_dealer(self, endpoint: str, frames: list[bytes]) -> str | None:
         dealer = self._dealers.get(endpoint)

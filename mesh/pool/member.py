@@ -133,6 +133,7 @@ class PoolMember:
             pid,
         )
         self._directory_spec = directory
+        self._dns_directory: DnsDirectory | None = None
         self.interval = settings.heartbeat_interval
         self.liveness_timeout = (
             settings.heartbeat_interval * settings.heartbeat_liveness
@@ -308,6 +309,11 @@ class PoolMember:
             election = Election(self.settings.runtime_dir, self.pool, self.info.id)
             election.join(self.info.pid, process_start_time(self.info.pid) or 0)
             self._bound.set()
+            if self.eligible:
+                # Built before it is needed: a takeover after a crash then
+                # does not wait for the DNS modules to import, which took a
+                # few hundred ms on a loaded machine.
+                self._make_directory()
             dealer = self._loop(results, election, calls)
         except Exception:
             log.exception("pool member %s failed", self.info.id)
@@ -494,11 +500,14 @@ class PoolMember:
     def _make_directory(self) -> MasterDirectory | None:
         spec = self._directory_spec
         if spec == "dns":
-            try:
-                return DnsDirectory.from_settings(self.settings)
-            except Exception as exc:
-                log.warning("no DNS directory for pool %r: %s", self.pool, exc)
-                return None
+            if self._dns_directory is None:
+                try:
+                    self._dns_directory = DnsDirectory.from_settings(self.settings)
+                except Exception as exc:
+                    log.warning("no DNS directory for pool %r: %s", self.pool, exc)
+                    return None
+            # One registrar for every term as master: it is made to be shared.
+            return self._dns_directory
         if isinstance(spec, str):
             raise PoolError(f"unknown directory {spec!r}")
         return spec
