@@ -145,7 +145,9 @@ class PoolMember:
         self._master_ok = threading.Event()
         self._problem = "no master yet"
         self._hung = False
-        self._jobs: queue.Queue[tuple[str, bytes] | None] = queue.Queue()
+        # SimpleQueue: its put wakes the worker without a Python-level Condition,
+        # which was the member thread's hottest line on the request path.
+        self._jobs: queue.SimpleQueue[tuple[str, bytes] | None] = queue.SimpleQueue()
         self._calls: queue.SimpleQueue[_Call] = queue.SimpleQueue()
         # One byte per call wakes the member thread's poll; non-blocking, as
         # a full pipe already means a wake-up is pending.
