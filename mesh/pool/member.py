@@ -25,9 +25,9 @@ Let ``i`` be ``heartbeat_interval`` and ``L = i * heartbeat_liveness``.
   ``i``, so a new master is bound and recorded within about ``i`` (plus the
   DNS registration, a few ms on a local responder). The other members read
   the new record on their next tick, so broadcasts complete again within
-  about ``2 i`` of the new record (0.5 s), ``3 i`` after the crash. Remote
-  masters learn the new endpoint from its first heartbeat, immediately, or
-  from DNS within ``RESOLVE_INTERVAL``.
+  about ``i`` of the new record, ``2 i`` (0.5 s) after the crash. Remote
+  masters learn the new endpoint from the heartbeat it sends each peer it
+  finds, at once, or from DNS within ``RESOLVE_INTERVAL``.
 - A hung master is voted out after ``L`` of silence (1 s); the vote needs
   one more tick for the other voters (``i``) and the kill plus takeover adds
   about ``2 i``: about ``L + 3 i`` (1.75 s), inside the 3 s goal.
