@@ -17,8 +17,9 @@ request for its own members and lists them (``expect``). A peer master does
 the same for its members and sends its ``expect`` back to the origin. Each
 member's ``WORKING``/``REPLY``/``FAILED`` goes to its master, which relays it
 to the origin, which relays it to the issuer. Every master keeps a route per
-broadcast id until the broadcast's deadline, so an answer for an expired or
-unknown id has nowhere to go and is dropped.
+broadcast id until the broadcast's deadline (a master that only serves its
+own members drops it as soon as they have all answered), so an answer for an
+expired or unknown id has nowhere to go and is dropped.
 
 Sends never drop silently: the member ROUTER has ``ROUTER_MANDATORY`` on and
 every send is non-blocking, so an unknown identity (EHOSTUNREACH) or a full
@@ -27,7 +28,13 @@ stops heartbeating is declared lost after the liveness window and every open
 broadcast that counted on it hears ``host_lost``.
 
 Wire format (multipart): ``[kind, json header, payload?]``; from members the
-ROUTER prepends their identity (the member id).
+ROUTER prepends their identity (the member id). Events towards the issuer are
+``[EV, broadcast id, (json header, payload)...]``: one or more events of one
+broadcast. With the id in a frame of its own, the origin master and the
+issuing member route them without parsing any header, and the origin relays
+a peer's events unchanged. A master gathers the events of each broadcast
+while it works through what arrived and sends them together before it waits
+again, so answers that arrive together travel as one message.
 
 Status
 ------
@@ -41,6 +48,7 @@ It changes nothing, so ``mesh status`` can ask every master it finds;
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import dataclasses
 import json
 import logging
@@ -56,7 +64,7 @@ from mesh.pool.directory import MasterDirectory, zmq_endpoint
 from mesh.pool.election import Election, MasterRecord, process_start_time
 from mesh.pool.tracker import MemberInfo
 
-__all__ = ["Master", "decode", "encode", "query_status"]
+__all__ = ["Master", "decode", "encode", "query_status", "recv_nowait", "send_nowait"]
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +86,37 @@ def decode(frame: bytes) -> dict[str, Any]:
     if not isinstance(value, dict):
         raise ValueError(f"header {frame[:40]!r} is not a JSON object")
     return value
+
+
+# pyzmq's send_multipart combines IntFlag members for every frame and its
+# recv_multipart asks RCVMORE through getsockopt, which looks the option up
+# as an enum; each builds an enum value per frame. On a broadcast's relay
+# path that was about a sixth of the masters' time. Plain ints and the
+# frame's own ``more`` flag skip it.
+_NOBLOCK = int(zmq.NOBLOCK)
+_MORE_NOBLOCK = int(zmq.SNDMORE) | _NOBLOCK
+
+
+def send_nowait(sock: zmq.Socket[bytes], frames: list[bytes]) -> None:
+    """``send_multipart(frames, NOBLOCK)`` without the enum arithmetic.
+
+    Raises :class:`zmq.Again` or :class:`zmq.ZMQError` as it would. libzmq
+    queues a multipart message whole or not at all, so only the first frame
+    can fail.
+    """
+    last = len(frames) - 1
+    for i, frame in enumerate(frames):
+        sock.send(frame, _NOBLOCK if i == last else _MORE_NOBLOCK)
+
+
+def recv_nowait(sock: zmq.Socket[bytes]) -> list[bytes]:
+    """``recv_multipart(NOBLOCK)``, faster; raises :class:`zmq.Again` when empty."""
+    frame = sock.recv(_NOBLOCK, copy=False)
+    frames = [frame.bytes]
+    while frame.more:
+        frame = sock.recv(_NOBLOCK, copy=False)
+        frames.append(frame.bytes)
+    return frames
 
 
 @dataclasses.dataclass
@@ -139,6 +178,9 @@ class Master:
         self._dns_endpoints: dict[str, str] = {}
         self._dealers: dict[str, zmq.Socket[bytes]] = {}
         self._routes: dict[str, _Route] = {}
+        # Events waiting for the next flush, by broadcast id, with their route
+        # (kept here too: a settled route may leave _routes before the flush).
+        self._outbox: dict[str, tuple[_Route, list[bytes]]] = {}
         self._resolve_now = True
 
     # -- lifecycle --------------------------------------------------------------
@@ -265,13 +307,18 @@ class Master:
             if now >= next_beat:
                 next_beat = now + self.interval
                 self._heartbeat(local, now)
-            self._expire(now)
+                # Once a beat is often enough: a route outlives its deadline
+                # by ROUTE_GRACE anyway, and scanning every route on every
+                # message cost more than the rest of the relay when many
+                # broadcasts were open.
+                self._expire(now)
+            self._flush()
             wait = max(0.0, min(next_beat - now, self.interval / 2))
             for sock, _ in poller.poll(int(wait * 1000) + 1):
                 # Drain what is queued, but bounded so heartbeats stay on time.
                 for _ in range(256):
                     try:
-                        frames = sock.recv_multipart(zmq.NOBLOCK)
+                        frames = recv_nowait(sock)
                     except zmq.Again:
                         break
                     try:
@@ -301,13 +348,7 @@ class Master:
             error = self._send_local(member_id, [b"HB", beat])
             if error is not None:
                 self._member_lost(member_id, error)
-        header = encode(
-            {
-                "host": self.host,
-                "epoch": self.record.epoch,
-                "endpoint": self.record.peer_endpoint,
-            }
-        )
+        header = self._peer_beat()
         for endpoint in list(self._dealers):
             self._send_dealer(endpoint, [b"HB", header])
         for peer in self._peers.values():
@@ -336,6 +377,7 @@ class Master:
                 self._to_origin(
                     bid, route, {"ev": "failed", "member": member_id, "reason": reason}
                 )
+                self._drop_if_settled(bid, route)
 
     def _peer_lost(self, peer: _Peer, reason: str, clean: bool = False) -> None:
         peer.alive = False
@@ -364,6 +406,16 @@ class Master:
         for bid in [b for b, r in self._routes.items() if r.expires < now]:
             del self._routes[bid]
 
+    def _drop_if_settled(self, bid: str, route: _Route) -> None:
+        """Forget a peer's broadcast once every member here has answered.
+
+        Nothing more can be relayed for it: a later answer for that id is a
+        duplicate or late, and is dropped as if the route had expired. The
+        origin keeps its route until the deadline, for the other hosts.
+        """
+        if route.issuer is None and not route.pending_members:
+            self._routes.pop(bid, None)
+
     # -- peers ------------------------------------------------------------------
 
     def _on_resolved(self, masters: list[tuple[str, str]]) -> None:
@@ -380,6 +432,16 @@ class Master:
     def _known_hosts(self) -> set[str]:
         return (set(self._dns_endpoints.values()) | set(self._peers)) - {self.host}
 
+    def _peer_beat(self) -> bytes:
+        assert self.record is not None
+        return encode(
+            {
+                "host": self.host,
+                "epoch": self.record.epoch,
+                "endpoint": self.record.peer_endpoint,
+            }
+        )
+
     def _ensure_dealer(self, endpoint: str) -> None:
         if endpoint in self._dealers:
             return
@@ -388,13 +450,17 @@ class Master:
         dealer.setsockopt(zmq.IPV6, 1)
         dealer.connect(endpoint)
         self._dealers[endpoint] = dealer
+        # Announce ourselves now rather than at the next beat: after a
+        # takeover, the peers route to this master from its first heartbeat,
+        # and waiting for the beat kept them on the dead one up to ``i``.
+        self._send_dealer(endpoint, [b"HB", self._peer_beat()])
 
     def _send_dealer(self, endpoint: str, frames: list[bytes]) -> str | None:
         dealer = self._dealers.get(endpoint)
         if dealer is None:
             return f"no connection to {endpoint}"
         try:
-            dealer.send_multipart(frames, zmq.NOBLOCK)
+            send_nowait(dealer, frames)
         except zmq.Again:
             return f"send queue to {endpoint} is full"
         return None
@@ -406,10 +472,23 @@ class Master:
         return self._send_dealer(peer.endpoint, frames)
 
     def _on_peer(self, frames: list[bytes], now: float) -> None:
-        kind, header = frames[1], decode(frames[2])
+        kind = frames[1]
         if kind == b"STATUS":
             self._answer_status(frames[0], now)
             return
+        if kind == b"EV":
+            bid = frames[2].decode()
+            origin = self._routes.get(bid)
+            if origin is None or origin.issuer is None:
+                log.debug("dropping event for unknown broadcast %s", bid)
+                return
+            events = frames[3:]
+            if len(events) % 2:
+                raise ValueError(f"event frames of {bid} are not header/payload pairs")
+            # The peer's events already name their broadcast and host.
+            self._outbox.setdefault(bid, (origin, []))[1].extend(events)
+            return
+        header = decode(frames[2])
         host = str(header["host"])
         if kind == b"HB":
             self._peer_heartbeat(
@@ -430,14 +509,6 @@ class Master:
             self._deliver_local(
                 bid, route, exclude, float(header["timeout"]), frames[3]
             )
-        elif kind == b"EV":
-            bid = str(header["bid"])
-            origin = self._routes.get(bid)
-            if origin is None or origin.issuer is None:
-                log.debug("dropping event for unknown broadcast %s", bid)
-                return
-            payload = frames[3] if len(frames) > 3 else b""
-            self._to_origin(bid, origin, header, payload)
         elif kind == b"BYE":
             peer = self._peers.get(host)
             if (
@@ -508,7 +579,7 @@ class Master:
 
     def _send_local(self, member_id: str, frames: list[bytes]) -> str | None:
         try:
-            self._local.send_multipart([member_id.encode(), *frames], zmq.NOBLOCK)
+            send_nowait(self._local, [member_id.encode(), *frames])
         except zmq.Again:
             return "send queue full"
         except zmq.ZMQError as exc:
@@ -551,12 +622,14 @@ class Master:
                 self._to_origin(
                     bid, route, {"ev": "reply", "member": member_id}, frames[3]
                 )
+                self._drop_if_settled(bid, route)
             else:
                 route.pending_members.discard(member_id)
                 reason = frames[3].decode(errors="replace")
                 self._to_origin(
                     bid, route, {"ev": "failed", "member": member_id, "reason": reason}
                 )
+                self._drop_if_settled(bid, route)
         elif kind == b"BYE":
             self._member_lost(member_id, "left the pool", clean=True)
 
@@ -630,26 +703,40 @@ class Master:
                     route,
                     {"ev": "undeliverable", "member": member.info.id, "reason": error},
                 )
+        self._drop_if_settled(bid, route)
 
     def _to_origin(
         self, bid: str, route: _Route, event: dict[str, Any], payload: bytes = b""
     ) -> None:
         event = {**event, "bid": bid, "host": event.get("host", self.host)}
-        frames = [b"EV", encode(event), payload]
-        if route.issuer is not None:
-            error = self._send_local(route.issuer, frames)
-            if error is not None:
-                log.debug("issuer of %s is gone (%s); dropping its route", bid, error)
-                self._routes.pop(bid, None)
-        else:
-            error = self._send_peer(route.origin_host, frames)
-            if error is not None:
-                log.debug("cannot relay %s to %s: %s", bid, route.origin_host, error)
+        self._outbox.setdefault(bid, (route, []))[1].extend((encode(event), payload))
+
+    def _flush(self) -> None:
+        """Send every gathered event, one message per broadcast."""
+        outbox, self._outbox = self._outbox, {}
+        for bid, (route, events) in outbox.items():
+            frames = [b"EV", bid.encode(), *events]
+            if route.issuer is not None:
+                error = self._send_local(route.issuer, frames)
+                if error is not None:
+                    log.debug(
+                        "issuer of %s is gone (%s); dropping its route", bid, error
+                    )
+                    self._routes.pop(bid, None)
+            else:
+                error = self._send_peer(route.origin_host, frames)
+                if error is not None:
+                    log.debug(
+                        "cannot relay %s to %s: %s", bid, route.origin_host, error
+                    )
 
     def _say_goodbye(self, local: zmq.Socket[bytes]) -> None:
         """On a clean exit, tell members and peers so they move on at once."""
         if self.record is None or not hasattr(self, "_local"):
             return
+        # What was gathered still goes out: the issuers wait for it.
+        with contextlib.suppress(zmq.ZMQError):
+            self._flush()
         for member_id in list(self._members):
             self._send_local(
                 member_id, [b"RESIGN", encode({"epoch": self.record.epoch})]

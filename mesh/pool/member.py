@@ -3,14 +3,16 @@
 Threads and sockets
 -------------------
 A :class:`PoolMember` runs one *member thread* that owns every socket it
-uses: a DEALER to the host master, an inproc ROUTER where ``broadcast()``
-callers talk to it and an inproc PULL for handler results. Handlers run on
-a separate *worker thread* (so a slow handler never stops heartbeats); it
-owns one inproc PUSH. Each ``broadcast()`` call makes, uses and closes its own
-inproc DEALER on the calling thread and runs a
-:class:`~mesh.pool.tracker.GatherTracker` there. The member thread also takes
-part in the election; when it wins, a :class:`~mesh.pool.master.Master`
-thread starts in the same process. No socket crosses threads (C08).
+uses: a DEALER to the host master and an inproc PULL for handler results.
+Handlers run on a separate *worker thread* (so a slow handler never stops
+heartbeats); it owns one inproc PUSH. A ``broadcast()`` call opens no socket:
+it puts its :class:`~mesh.pool.tracker.GatherTracker` on a queue, wakes the
+member thread through a pipe and waits on a future. The member thread feeds
+each tracker the events its master relays and resolves the future once the
+tracker is done, so an event is handled once, on the thread that received
+it. The member thread also takes part in the election; when it wins, a
+:class:`~mesh.pool.master.Master` thread starts in the same process. No
+socket crosses threads (C08).
 
 Times with the defaults (heartbeat 250 ms x liveness 4)
 ------------------------------------------------------
@@ -21,21 +23,26 @@ Let ``i`` be ``heartbeat_interval`` and ``L = i * heartbeat_liveness``.
   heartbeat send (``i``, 250 ms).
 - A crashed master frees its lock at once; the members poll the lock every
   ``i``, so a new master is bound and recorded within about ``i`` (plus the
-  DNS registration, a few ms on a local responder). Members read the new
-  record on the same tick, so failover completes within about ``2 i``
-  (0.5 s) after the crash. Remote masters learn the new endpoint from its
-  first heartbeat, immediately, or from DNS within ``RESOLVE_INTERVAL``.
+  DNS registration, a few ms on a local responder). The other members read
+  the new record on their next tick, so broadcasts complete again within
+  about ``i`` of the new record, ``2 i`` (0.5 s) after the crash. Remote
+  masters learn the new endpoint from the heartbeat it sends each peer it
+  finds, at once, or from DNS within ``RESOLVE_INTERVAL``.
 - A hung master is voted out after ``L`` of silence (1 s); the vote needs
   one more tick for the other voters (``i``) and the kill plus takeover adds
   about ``2 i``: about ``L + 3 i`` (1.75 s), inside the 3 s goal.
 - A master that exits cleanly tells its members (``RESIGN``); they try the
   lock on the spot, so a successor takes over within one loop turn.
+
+``scripts/bench pool`` measures each of these; docs/pool.md has the figures.
 """
 
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import contextlib
+import dataclasses
 import itertools
 import json
 import logging
@@ -62,7 +69,7 @@ from mesh.pool.election import (
     process_alive,
     process_start_time,
 )
-from mesh.pool.master import Master, decode, encode
+from mesh.pool.master import Master, decode, encode, recv_nowait, send_nowait
 from mesh.pool.tracker import BroadcastResult, GatherTracker, MemberInfo
 
 __all__ = ["PoolMember", "demo_handler", "main"]
@@ -71,8 +78,23 @@ log = logging.getLogger(__name__)
 
 #: Default budget of a broadcast when the caller gives no deadline.
 DEFAULT_TIMEOUT = 10.0
+# The member thread settles every broadcast by its deadline; a caller waits
+# this much longer only to notice a member thread that died.
+CALL_GRACE = 5.0
 
 _ids = itertools.count()
+
+
+@dataclasses.dataclass
+class _Call:
+    """One ``broadcast()`` handed to the member thread, answered through ``done``."""
+
+    tracker: GatherTracker
+    header: bytes
+    payload: bytes
+    done: concurrent.futures.Future[BroadcastResult] = dataclasses.field(
+        default_factory=concurrent.futures.Future
+    )
 
 
 class PoolMember:
@@ -111,19 +133,28 @@ class PoolMember:
             pid,
         )
         self._directory_spec = directory
+        self._dns_directory: DnsDirectory | None = None
         self.interval = settings.heartbeat_interval
         self.liveness_timeout = (
             settings.heartbeat_interval * settings.heartbeat_liveness
         )
         self._context: zmq.Context[Any] = zmq.Context()
-        self._cmd_endpoint = f"inproc://pool-member-{self.info.id}"
         self._results_endpoint = f"inproc://pool-results-{self.info.id}"
         self._stop = threading.Event()
         self._bound = threading.Event()
         self._master_ok = threading.Event()
         self._problem = "no master yet"
         self._hung = False
-        self._jobs: queue.Queue[tuple[str, bytes] | None] = queue.Queue()
+        # SimpleQueue: its put wakes the worker without a Python-level Condition,
+        # which was the member thread's hottest line on the request path.
+        self._jobs: queue.SimpleQueue[tuple[str, bytes] | None] = queue.SimpleQueue()
+        self._calls: queue.SimpleQueue[_Call] = queue.SimpleQueue()
+        # One byte per call wakes the member thread's poll; non-blocking, as
+        # a full pipe already means a wake-up is pending.
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_r, False)
+        os.set_blocking(self._wake_w, False)
+        self._wake_lock = threading.Lock()
         self._thread = threading.Thread(
             target=self._run, name=f"pool-member-{pool}", daemon=True
         )
@@ -180,7 +211,7 @@ class PoolMember:
             elected within the liveness window, or it is hung and killing it
             is disabled).
         """
-        if not self._started or self._closed:
+        if not self._started or self._closed or not self._thread.is_alive():
             raise PoolError(f"pool member {self.info.id!r} is not running")
         now = time.monotonic()
         if deadline is None:
@@ -195,47 +226,42 @@ class PoolMember:
                     f"{self._problem}"
                 )
         bid = f"{self.info.id}-{next(_ids)}-{secrets.token_hex(4)}"
-        tracker = GatherTracker(bid, deadline, quorum)
-        sock = self._context.socket(zmq.DEALER)
-        sock.setsockopt(zmq.LINGER, 0)
+        header = {
+            "bid": bid,
+            "timeout": max(0.0, deadline - time.monotonic()),
+            "include_self": include_self,
+        }
+        call = _Call(GatherTracker(bid, deadline, quorum), encode(header), payload)
+        with self._wake_lock:
+            if self._closed:
+                raise PoolError(f"pool member {self.info.id!r} closed")
+            self._calls.put(call)
+            with contextlib.suppress(BlockingIOError):
+                os.write(self._wake_w, b"\0")
         try:
-            sock.connect(self._cmd_endpoint)
-            header = {
-                "bid": bid,
-                "timeout": max(0.0, deadline - time.monotonic()),
-                "include_self": include_self,
-            }
-            sock.send_multipart([b"BCAST", encode(header), payload])
-            while True:
-                now = time.monotonic()
-                tracker.tick(now)
-                if tracker.done:
-                    break
-                if not sock.poll(int(tracker.timeout(now) * 1000) + 1):
-                    continue
-                frames = sock.recv_multipart()
-                if frames[0] == b"ERR":
-                    raise MasterUnavailable(frames[1].decode())
-                _feed(tracker, decode(frames[1]), frames[2], time.monotonic())
-            with contextlib.suppress(zmq.ZMQError):
-                sock.send_multipart([b"DONE", bid.encode()], zmq.NOBLOCK)
-        except zmq.ContextTerminated:
-            raise PoolError(f"pool member {self.info.id!r} closed") from None
-        finally:
-            sock.close(linger=0)
-        return tracker.result()
+            return call.done.result(max(0.0, deadline - time.monotonic()) + CALL_GRACE)
+        except concurrent.futures.TimeoutError:
+            raise PoolError(
+                f"pool member {self.info.id!r} did not settle broadcast {bid}"
+            ) from None
 
     def close(self, timeout: float = 5.0) -> None:
         """Leave the pool: stop the master role if held, then the threads."""
-        if self._closed:
-            return
-        self._closed = True
+        with self._wake_lock:
+            if self._closed:
+                return
+            self._closed = True
         self._stop.set()
         self._jobs.put(None)
+        with contextlib.suppress(BlockingIOError):
+            os.write(self._wake_w, b"\0")
         if self._started:
             self._thread.join(timeout)
             self._worker.join(timeout)
         self._context.term()
+        if not self._thread.is_alive():
+            os.close(self._wake_r)
+            os.close(self._wake_w)
 
     def __enter__(self) -> PoolMember:
         self.start()
@@ -275,20 +301,22 @@ class PoolMember:
     # -- the member thread --------------------------------------------------
 
     def _run(self) -> None:
-        cmd = self._context.socket(zmq.ROUTER)
-        cmd.setsockopt(zmq.LINGER, 0)
-        cmd.setsockopt(zmq.ROUTER_MANDATORY, 1)
         results = self._context.socket(zmq.PULL)
         results.setsockopt(zmq.LINGER, 0)
         dealer: zmq.Socket[bytes] | None = None
         election: Election | None = None
+        calls: dict[str, _Call] = {}
         try:
-            cmd.bind(self._cmd_endpoint)
             results.bind(self._results_endpoint)
             election = Election(self.settings.runtime_dir, self.pool, self.info.id)
             election.join(self.info.pid, process_start_time(self.info.pid) or 0)
             self._bound.set()
-            dealer = self._loop(cmd, results, election)
+            if self.eligible:
+                # Built before it is needed: a takeover after a crash then
+                # does not wait for the DNS modules to import, which took a
+                # few hundred ms on a loaded machine.
+                self._make_directory()
+            dealer = self._loop(results, election, calls)
         except Exception:
             log.exception("pool member %s failed", self.info.id)
         finally:
@@ -304,23 +332,35 @@ class PoolMember:
             if election is not None:
                 election.release()
                 election.leave()
-            cmd.close(linger=0)
             results.close(linger=0)
+            # Whoever is still waiting hears now, not after CALL_GRACE.
+            closed = PoolError(f"pool member {self.info.id!r} closed")
+            while True:
+                try:
+                    queued = self._calls.get_nowait()
+                except queue.Empty:
+                    break
+                calls[queued.tracker.broadcast_id] = queued
+            for call in calls.values():
+                call.done.set_exception(closed)
 
     def _loop(
         self,
-        cmd: zmq.Socket[bytes],
         results: zmq.Socket[bytes],
         election: Election,
+        calls: dict[str, _Call],
     ) -> zmq.Socket[bytes] | None:
         watch = MasterWatch(self.liveness_timeout)
         dealer: zmq.Socket[bytes] | None = None
-        callers: dict[str, tuple[bytes, float]] = {}
         working: set[str] = set()
         voted_epoch = 0
         reported_epoch = 0
         next_tick = 0.0
         me = encode(self.info.to_wire())
+        # Kept across turns of the loop; only a new dealer changes it.
+        poller = zmq.Poller()
+        poller.register(self._wake_r, zmq.POLLIN)
+        poller.register(results, zmq.POLLIN)
         while not self._stop.is_set():
             now = time.monotonic()
             if now >= next_tick:
@@ -331,15 +371,17 @@ class PoolMember:
                         self._become_master(election)
                 record = election.read_record()
                 if watch.observe_record(record, now):
-                    if callers:
-                        self._master_lost(cmd, callers, "master of this host changed")
+                    if calls:
+                        self._master_lost(calls, "master of this host changed", now)
                     if dealer is not None:
+                        poller.unregister(dealer)
                         dealer.close(linger=0)
                         dealer = None
                     self._master_ok.clear()
                     self._hung = False
                     if record is not None:
                         dealer = self._connect(record)
+                        poller.register(dealer, zmq.POLLIN)
                         self._epoch = record.epoch
                         election.prune_votes(record.epoch)
                 alive = record is not None and process_alive(
@@ -352,10 +394,8 @@ class PoolMember:
                 else:
                     self._master_ok.clear()
                     self._problem = f"master state {state.value}"
-                if state in (MasterState.NONE, MasterState.HUNG) and callers:
-                    self._master_lost(
-                        cmd, callers, f"master of this host {state.value}"
-                    )
+                if state in (MasterState.NONE, MasterState.HUNG) and calls:
+                    self._master_lost(calls, f"master of this host {state.value}", now)
                 if state is MasterState.HUNG and record is not None:
                     self._on_hung(
                         election,
@@ -370,71 +410,70 @@ class PoolMember:
                     self._send(dealer, [b"HB", me])
                     for bid in working:
                         self._send(dealer, [b"WORKING", bid.encode()])
-                for bid in [b for b, (_, exp) in callers.items() if exp < now]:
-                    del callers[bid]
-            wait = max(0.0, next_tick - time.monotonic())
-            poller = zmq.Poller()
-            poller.register(cmd, zmq.POLLIN)
-            poller.register(results, zmq.POLLIN)
-            if dealer is not None:
-                poller.register(dealer, zmq.POLLIN)
+            wake_at = next_tick
+            for call in list(calls.values()):
+                call.tracker.tick(now)
+                if call.tracker.done:
+                    self._settle(calls, call)
+                else:
+                    wake_at = min(wake_at, call.tracker.deadline)
+            wait = max(0.0, wake_at - time.monotonic())
             ready = dict(poller.poll(int(wait * 1000) + 1))
             now = time.monotonic()
             if dealer is not None and dealer in ready:
                 while True:
                     try:
-                        frames = dealer.recv_multipart(zmq.NOBLOCK)
+                        frames = recv_nowait(dealer)
                     except zmq.Again:
                         break
                     kind = frames[0]
                     watch.heard(now)
                     if kind == b"REQ":
                         bid = frames[1].decode()
+                        # The first WORKING goes out with the next heartbeat:
+                        # most handlers reply before that, and an immediate
+                        # one doubled the messages of every broadcast.
                         if bid not in working:
                             working.add(bid)
                             self._jobs.put((bid, frames[3]))
-                            self._send(dealer, [b"WORKING", frames[1]])
                     elif kind == b"EV":
-                        event = decode(frames[1])
-                        caller = callers.get(str(event.get("bid")))
-                        if caller is not None:
-                            self._to_caller(cmd, caller[0], frames)
+                        target = calls.get(frames[1].decode())
+                        if target is not None:
+                            self._on_event(calls, target, frames, now)
                     elif kind == b"RESIGN":
                         log.info("master of pool %r resigned", self.pool)
                         next_tick = now
             if results in ready:
                 while True:
                     try:
-                        bid_raw, status, body = results.recv_multipart(zmq.NOBLOCK)
+                        bid_raw, status, body = recv_nowait(results)
                     except zmq.Again:
                         break
                     working.discard(bid_raw.decode())
                     if dealer is not None:
                         kind = b"REPLY" if status == b"ok" else b"FAILED"
                         self._send(dealer, [kind, bid_raw, body])
-            if cmd in ready:
+            if self._wake_r in ready:
+                with contextlib.suppress(BlockingIOError):
+                    os.read(self._wake_r, 4096)
                 while True:
                     try:
-                        frames = cmd.recv_multipart(zmq.NOBLOCK)
-                    except zmq.Again:
+                        call = self._calls.get_nowait()
+                    except queue.Empty:
                         break
-                    caller_id, kind = frames[0], frames[1]
-                    if kind == b"DONE":
-                        callers.pop(frames[2].decode(), None)
-                        continue
-                    header = decode(frames[2])
                     if dealer is None or not self._master_ok.is_set():
-                        self._to_caller(
-                            cmd, caller_id, [b"ERR", self._problem.encode()]
+                        call.done.set_exception(
+                            MasterUnavailable(
+                                f"pool {self.pool!r} has no usable master on "
+                                f"{self.host}: {self._problem}"
+                            )
                         )
-                        continue
-                    bid = str(header["bid"])
-                    callers[bid] = (caller_id, now + float(header["timeout"]) + 1.0)
-                    if not self._send(dealer, [b"BCAST", frames[2], frames[3]]):
-                        callers.pop(bid)
-                        self._to_caller(
-                            cmd, caller_id, [b"ERR", b"master send queue full"]
+                    elif not self._send(dealer, [b"BCAST", call.header, call.payload]):
+                        call.done.set_exception(
+                            MasterUnavailable("master send queue full")
                         )
+                    else:
+                        calls[call.tracker.broadcast_id] = call
         return dealer
 
     def _become_master(self, election: Election) -> None:
@@ -463,11 +502,14 @@ class PoolMember:
     def _make_directory(self) -> MasterDirectory | None:
         spec = self._directory_spec
         if spec == "dns":
-            try:
-                return DnsDirectory.from_settings(self.settings)
-            except Exception as exc:
-                log.warning("no DNS directory for pool %r: %s", self.pool, exc)
-                return None
+            if self._dns_directory is None:
+                try:
+                    self._dns_directory = DnsDirectory.from_settings(self.settings)
+                except Exception as exc:
+                    log.warning("no DNS directory for pool %r: %s", self.pool, exc)
+                    return None
+            # One registrar for every term as master: it is made to be shared.
+            return self._dns_directory
         if isinstance(spec, str):
             raise PoolError(f"unknown directory {spec!r}")
         return spec
@@ -522,31 +564,34 @@ class PoolMember:
         ):
             election.kill_master(record)
 
-    def _master_lost(
-        self,
-        cmd: zmq.Socket[bytes],
-        callers: dict[str, tuple[bytes, float]],
-        reason: str,
-    ) -> None:
-        for bid, (caller_id, _) in callers.items():
-            event = encode({"bid": bid, "ev": "master_lost", "reason": reason})
-            self._to_caller(cmd, caller_id, [b"EV", event, b""])
-        callers.clear()
-
-    @staticmethod
-    def _to_caller(
-        cmd: zmq.Socket[bytes], caller_id: bytes, frames: list[bytes]
+    def _on_event(
+        self, calls: dict[str, _Call], call: _Call, frames: list[bytes], now: float
     ) -> None:
         try:
-            cmd.send_multipart([caller_id, *frames], zmq.NOBLOCK)
-        except zmq.ZMQError as exc:
-            # The caller gave up (returned or timed out); nobody to tell.
-            log.debug("broadcast caller gone: %s", exc)
+            # [EV, bid, (header, payload)...]: events arrive batched.
+            for i in range(2, len(frames) - 1, 2):
+                _feed(call.tracker, decode(frames[i]), frames[i + 1], now)
+        except (ValueError, KeyError, TypeError, IndexError) as exc:
+            log.warning("dropping malformed pool event: %s", exc)
+            return
+        if call.tracker.done:
+            self._settle(calls, call)
+
+    @staticmethod
+    def _settle(calls: dict[str, _Call], call: _Call) -> None:
+        # Later events for this id find no call and are dropped.
+        del calls[call.tracker.broadcast_id]
+        call.done.set_result(call.tracker.result())
+
+    def _master_lost(self, calls: dict[str, _Call], reason: str, now: float) -> None:
+        for call in list(calls.values()):
+            call.tracker.on_master_lost(call.tracker.broadcast_id, reason, now)
+            self._settle(calls, call)
 
     @staticmethod
     def _send(dealer: zmq.Socket[bytes], frames: list[bytes]) -> bool:
         try:
-            dealer.send_multipart(frames, zmq.NOBLOCK)
+            send_nowait(dealer, frames)
         except zmq.Again:
             log.warning("send queue to the master is full; message not sent")
             return False

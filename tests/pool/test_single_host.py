@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from mesh.config import Settings
-from mesh.errors import MasterUnavailable
+from mesh.errors import MasterUnavailable, PoolError
 from mesh.pool.member import PoolMember, demo_handler
 from mesh.pool.tracker import Outcome
 
@@ -128,3 +128,39 @@ def test_no_master_raises_master_unavailable(settings: Settings) -> None:
         assert time.monotonic() - started < 4.0
     finally:
         member.close()
+
+
+def test_close_fails_open_broadcasts_at_once(
+    pool: Callable[..., PoolMember],
+) -> None:
+    gate = threading.Event()
+
+    def held(payload: bytes) -> bytes:
+        gate.wait(20)
+        return payload
+
+    pool(held)
+    issuer = pool(eligible=False)
+    assert issuer.wait_for_master(5.0)
+    box: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            issuer.broadcast(b"x", timeout=60.0)
+        except PoolError as exc:
+            box.append(exc)
+
+    caller = threading.Thread(target=run)
+    caller.start()
+    try:
+        time.sleep(0.3)
+        issuer.close()
+        # Well before the broadcast's 60 s, and not a result: an error.
+        caller.join(15)
+        assert not caller.is_alive()
+        assert box and "closed" in str(box[0])
+        with pytest.raises(PoolError, match="not running"):
+            issuer.broadcast(b"y", timeout=1.0)
+    finally:
+        gate.set()
+        caller.join(15)
