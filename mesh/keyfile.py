@@ -36,7 +36,15 @@ _KEY_BLOCK = re.compile(
     r"""key\s+"?(?P<name>[^"\s{]+)"?\s*\{(?P<body>[^}]*)\}\s*;""", re.IGNORECASE
 )
 _STATEMENT = re.compile(r"""(?P<word>algorithm|secret)\s+"?(?P<value>[^";\s]+)"?\s*;""")
-_COMMENT = re.compile(r"(#|//)[^\n]*|/\*.*?\*/", re.DOTALL)
+# Quoted strings are matched first so that a base64 secret holding "//" or "/*"
+# is never mistaken for the start of a comment.
+_STRING_OR_COMMENT = re.compile(r'"[^"]*"|(#|//)[^\n]*|/\*.*?\*/', re.DOTALL)
+
+
+def _strip_comments(text: str) -> str:
+    return _STRING_OR_COMMENT.sub(
+        lambda m: m[0] if m[0].startswith('"') else " ", text
+    )
 
 # RFC 8945 section 6 lists these; hmac-md5 is kept only so that a peer using
 # it gets BADKEY from a clear rule rather than from an unknown-name accident.
@@ -73,7 +81,7 @@ def load_keyring(path: str | os.PathLike[str]) -> dict[dns.name.Name, dns.tsig.K
         raise ConfigError(f"key file {path} does not exist") from None
     except OSError as exc:
         raise ConfigError(f"cannot read key file {path}: {exc.strerror}") from None
-    text = _COMMENT.sub("", text)
+    text = _strip_comments(text)
     keyring: dict[dns.name.Name, dns.tsig.Key] = {}
     for block in _KEY_BLOCK.finditer(text):
         name = dns.name.from_text(block["name"])

@@ -1,3 +1,4 @@
+import base64
 import os
 from pathlib import Path
 
@@ -44,3 +45,15 @@ def test_errors_never_show_the_secret(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as info:
         load_keyring(path)
     assert "c2VjcmV0" not in str(info.value)
+
+
+
+@pytest.mark.parametrize("secret", ["ab//cd+/", "////", "AAAA//8="])
+def test_secret_with_comment_marker_is_kept(tmp_path: Path, secret: str) -> None:
+    # Base64 uses '/', so one random secret in about 60 holds "//".
+    path = tmp_path / "k.key"
+    path.write_text(
+        f'key "k" {{ /* c */ algorithm hmac-sha256; secret "{secret}"; }}; // end\n'
+    )
+    path.chmod(0o600)
+    assert load_key(path).secret == base64.b64decode(secret)
