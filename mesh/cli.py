@@ -28,6 +28,7 @@ _COMMAND_MODULES = (
     "mesh.deploy",
     "mesh.status",
     "mesh.workload",
+    "mesh.curve",
 )
 
 

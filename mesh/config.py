@@ -119,9 +119,12 @@ class Settings:
     heartbeat_liveness: int = 4
     kill_hung_master: bool = True
 
-    # Curve keys: a directory with our keypair and an allow-list directory.
+    # Curve (see mesh.curve): our .key_secret turns it on; listening sockets
+    # accept the keys in the allow-list directory; clients trust the servers'
+    # public key (default: our own, as servers of a mesh share one pair).
     curve_secret_key: Path | None = None
     curve_allow_dir: Path | None = None
+    curve_server_key: Path | None = None
 
     def __post_init__(self) -> None:
         if not self.zone.endswith("."):

@@ -42,9 +42,8 @@ _STRING_OR_COMMENT = re.compile(r'"[^"]*"|(#|//)[^\n]*|/\*.*?\*/', re.DOTALL)
 
 
 def _strip_comments(text: str) -> str:
-    return _STRING_OR_COMMENT.sub(
-        lambda m: m[0] if m[0].startswith('"') else " ", text
-    )
+    return _STRING_OR_COMMENT.sub(lambda m: m[0] if m[0].startswith('"') else " ", text)
+
 
 # RFC 8945 section 6 lists these; hmac-md5 is kept only so that a peer using
 # it gets BADKEY from a clear rule rather than from an unknown-name accident.

@@ -34,6 +34,7 @@ import dns.rdtypes.IN.SRV
 import dns.tsig
 
 from mesh.config import Settings
+from mesh.curve import Curve
 from mesh.errors import ConfigError
 
 __all__ = [
@@ -161,6 +162,7 @@ def collect(settings: Settings, timeout: float = 2.0) -> Status:
         services.append({**row, "lease": leases.get(key_)})
 
     pools: dict[str, list[PoolHost]] = {}
+    curve = Curve.from_settings(settings)
     context: zmq.Context[Any] = zmq.Context()
     try:
         jobs = []
@@ -172,7 +174,9 @@ def collect(settings: Settings, timeout: float = 2.0) -> Status:
             _, row, address = job
             if address == "?":
                 return None
-            return query_status(context, zmq_endpoint(address, row["port"]), timeout)
+            return query_status(
+                context, zmq_endpoint(address, row["port"]), timeout, curve
+            )
 
         # In parallel, so silent masters cost one timeout, not one each; each
         # query makes and closes its own socket on its worker thread.

@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from mesh.config import Settings, parse_hostport
+from mesh.curve import Curve
 from mesh.errors import ConfigError, MeshError
 
 __all__ = [
@@ -435,6 +436,7 @@ def run(args: argparse.Namespace, settings: Settings, out: IO[str]) -> int:
         open_timeout=settings.open_timeout,
         call_timeout=settings.call_timeout,
         max_message_size=settings.max_message_size,
+        curve=Curve.from_settings(settings),
     ) as client:
         with concurrent.futures.ThreadPoolExecutor(
             args.concurrency, thread_name_prefix="workload-hit"

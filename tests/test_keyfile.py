@@ -47,7 +47,6 @@ def test_errors_never_show_the_secret(tmp_path: Path) -> None:
     assert "c2VjcmV0" not in str(info.value)
 
 
-
 @pytest.mark.parametrize("secret", ["ab//cd+/", "////", "AAAA//8="])
 def test_secret_with_comment_marker_is_kept(tmp_path: Path, secret: str) -> None:
     # Base64 uses '/', so one random secret in about 60 holds "//".

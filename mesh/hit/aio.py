@@ -23,6 +23,7 @@ import tenacity
 import zmq
 import zmq.asyncio
 
+from mesh.curve import Curve
 from mesh.errors import HitClosed, HitLost, HitTimeout, ProtocolError, WrongThread
 from mesh.hit import protocol
 from mesh.hit.client import (
@@ -34,6 +35,7 @@ from mesh.hit.client import (
     _PassFailed,
     answer_or_raise,
     call_frames,
+    no_connection,
     no_target_error,
 )
 from mesh.hit.protocol import Kind
@@ -65,6 +67,7 @@ class AsyncClient:
         open_attempts: int = 3,
         down_period: float = 10.0,
         max_sockets: int = 4096,
+        curve: Curve | None = None,
     ) -> None:
         if resolver is None:
             if not nameservers:
@@ -84,6 +87,7 @@ class AsyncClient:
         self.open_attempts = open_attempts
         self.down_period = down_period
         self.max_sockets = max_sockets
+        self.curve = curve
         self._ctx: zmq.asyncio.Context | None = None
         self._pid = 0
         self._down: dict[str, float] = {}
@@ -161,16 +165,15 @@ class AsyncClient:
             sock.setsockopt(zmq.MAXMSGSIZE, opts.max_message_size + 64 * 1024)
             if "[" in endpoint:
                 sock.setsockopt(zmq.IPV6, 1)
+            if self.curve is not None:
+                self.curve.client(sock)
             sock.connect(endpoint)
             session = ClientSession(opts.ping_interval, opts.liveness_timeout)
             start = time.monotonic()
             request_id = session.request(Kind.OPEN, start, opts.open_timeout)
             frames = protocol.encode_open(request_id, metadata)
             if not await _send(sock, frames, start + opts.open_timeout):
-                raise _Outcome(
-                    f"no connection within {opts.open_timeout:g} s "
-                    "(refused or unreachable)"
-                )
+                raise _Outcome(no_connection(opts.open_timeout, self.curve))
             answer = await _receive(sock, session)
             if answer is None:
                 raise _Outcome(

@@ -19,6 +19,7 @@ from types import FrameType, ModuleType
 from typing import Any
 
 from mesh.config import Settings
+from mesh.curve import Curve
 from mesh.errors import ConfigError
 from mesh.hit.server import HitServer, Registrar
 
@@ -159,6 +160,7 @@ def _serve(args: argparse.Namespace) -> int:
         advertise=advertise,
         priority=args.priority,
         weight=args.weight,
+        curve=Curve.from_settings(settings),
     )
     signals = {"count": 0}
 

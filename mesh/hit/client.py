@@ -26,6 +26,7 @@ from typing import Any, Protocol, overload
 import tenacity
 import zmq
 
+from mesh.curve import Curve
 from mesh.errors import (
     HitClosed,
     HitLost,
@@ -165,6 +166,16 @@ def no_target_error(
     )
 
 
+def no_connection(timeout: float, curve: Curve | None) -> str:
+    """Why an OPEN could not even be sent: the words a user needs to act."""
+    text = f"no connection within {timeout:g} s (refused or unreachable"
+    if curve is not None:
+        # libzmq gives the client no error when the server's ZAP handler
+        # refuses its key: the handshake just never completes.
+        text += ", or the server refused this client's Curve key: is its public key in the server's allow-list?"
+    return text + ")"
+
+
 @dataclasses.dataclass
 class HitOptions:
     """The knobs one Hit needs, copied from its client."""
@@ -207,6 +218,7 @@ class Client:
         open_attempts: int = 3,
         down_period: float = 10.0,
         max_sockets: int = 4096,
+        curve: Curve | None = None,
     ) -> None:
         if resolver is None:
             if not nameservers:
@@ -226,6 +238,7 @@ class Client:
         self.open_attempts = open_attempts
         self.down_period = down_period
         self.max_sockets = max_sockets
+        self.curve = curve
         self._lock = threading.Lock()
         self._ctx: zmq.Context[zmq.Socket[bytes]] | None = None
         self._pid = 0
@@ -300,15 +313,15 @@ class Client:
             sock.setsockopt(zmq.MAXMSGSIZE, opts.max_message_size + 64 * 1024)
             if "[" in endpoint:
                 sock.setsockopt(zmq.IPV6, 1)
+            if self.curve is not None:
+                self.curve.client(sock)
             sock.connect(endpoint)
             session = ClientSession(opts.ping_interval, opts.liveness_timeout)
             start = time.monotonic()
             deadline = start + opts.open_timeout
             request_id = session.request(Kind.OPEN, start, opts.open_timeout)
             if not send(sock, protocol.encode_open(request_id, metadata), deadline):
-                raise _Outcome(
-                    f"no connection within {opts.open_timeout:g} s (refused or unreachable)"
-                )
+                raise _Outcome(no_connection(opts.open_timeout, self.curve))
             answer = receive(sock, session)
             if answer is None:
                 raise _Outcome(

@@ -37,6 +37,7 @@ from typing import Any, Protocol
 
 import zmq
 
+from mesh.curve import Curve, ServerAuth, warn_if_exposed
 from mesh.errors import HitError, ProtocolError
 from mesh.hit import protocol
 from mesh.hit.protocol import Kind
@@ -216,6 +217,7 @@ class HitServer:
         advertise: Sequence[str] | None = None,
         priority: int = 0,
         weight: int = 1,
+        curve: Curve | None = None,
     ) -> None:
         self.handler_factory = handler_factory
         self.bind_address = bind
@@ -230,6 +232,9 @@ class HitServer:
         self.advertise = list(advertise) if advertise else [bind]
         self.priority = priority
         self.weight = weight
+        if curve is not None:
+            curve.allow_list()
+        self.curve = curve
         self.table = HitTable(max_hits, idle_timeout)
         self._ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
         self._ctx.setsockopt(zmq.LINGER, 500)
@@ -293,10 +298,16 @@ class HitServer:
 
     def serve_forever(self) -> None:
         """Bind, register, route until drained or stopped, then clean up."""
+        auth = None
         try:
+            if self.curve is not None:
+                # Before the bind: a Curve socket without ZAP accepts any key.
+                auth = ServerAuth(self._ctx, self.curve).start()
             front = self._ctx.socket(zmq.ROUTER)
             back = self._ctx.socket(zmq.ROUTER)
         except BaseException as exc:
+            if auth is not None:
+                auth.stop()
             self._startup_error = exc
             self._ready.set()
             raise
@@ -315,6 +326,8 @@ class HitServer:
             self._deregister()
             front.close(linger=500)
             back.close(linger=0)
+            if auth is not None:
+                auth.stop()
             if not any(t.is_alive() for t in self._workers.values()):
                 self._ctx.term()
             else:
@@ -327,6 +340,9 @@ class HitServer:
         front.setsockopt(zmq.ROUTER_MANDATORY, 1)
         front.setsockopt(zmq.MAXMSGSIZE, self.max_message_size + _FRAME_HEADROOM)
         back.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        if self.curve is not None:
+            self.curve.server(front)
+        warn_if_exposed(self.bind_address, self.curve, "Hit server")
         host = self.bind_address
         if ":" in host:
             front.setsockopt(zmq.IPV6, 1)

@@ -60,6 +60,7 @@ from typing import Any
 
 import zmq
 
+from mesh.curve import Curve, warn_if_exposed
 from mesh.pool.directory import MasterDirectory, zmq_endpoint
 from mesh.pool.election import Election, MasterRecord, process_start_time
 from mesh.pool.tracker import MemberInfo
@@ -157,8 +158,10 @@ class Master:
         directory: MasterDirectory | None,
         heartbeat_interval: float,
         heartbeat_liveness: int,
+        curve: Curve | None = None,
     ) -> None:
         self.context = context
+        self.curve = curve
         self.pool = pool
         self.host = host
         self.member_id = member_id
@@ -219,6 +222,9 @@ class Master:
                 sock.setsockopt(zmq.LINGER, 0)
                 sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
                 sock.setsockopt(zmq.IPV6, 1)
+                if self.curve is not None:
+                    self.curve.server(sock)
+            warn_if_exposed(self.host, self.curve, f"master of pool {self.pool!r}")
             local_port = local.bind_to_random_port(_bind_address(self.host))
             peer_port = peer.bind_to_random_port(_bind_address(self.host))
             self._local = local
@@ -448,6 +454,8 @@ class Master:
         dealer = self.context.socket(zmq.DEALER)
         dealer.setsockopt(zmq.LINGER, 0)
         dealer.setsockopt(zmq.IPV6, 1)
+        if self.curve is not None:
+            self.curve.client(dealer)
         dealer.connect(endpoint)
         self._dealers[endpoint] = dealer
         # Announce ourselves now rather than at the next beat: after a
@@ -747,7 +755,10 @@ class Master:
 
 
 def query_status(
-    context: zmq.Context[Any], endpoint: str, timeout: float
+    context: zmq.Context[Any],
+    endpoint: str,
+    timeout: float,
+    curve: Curve | None = None,
 ) -> dict[str, Any] | None:
     """Ask the master at ``endpoint`` (its peer endpoint) for its status.
 
@@ -759,6 +770,8 @@ def query_status(
     # Nothing queued for a master that is not there: no send waits on it.
     sock.setsockopt(zmq.IMMEDIATE, 1)
     sock.setsockopt(zmq.IPV6, 1)
+    if curve is not None:
+        curve.client(sock)
     try:
         sock.connect(endpoint)
         deadline = time.monotonic() + timeout

@@ -58,6 +58,7 @@ from typing import Any
 import zmq
 
 from mesh.config import Settings
+from mesh.curve import Curve, ServerAuth
 from mesh.errors import MasterUnavailable, PoolError
 from mesh.pool.directory import DnsDirectory, FileDirectory, MasterDirectory
 from mesh.pool.election import (
@@ -138,13 +139,19 @@ class PoolMember:
         self.liveness_timeout = (
             settings.heartbeat_interval * settings.heartbeat_liveness
         )
+        self.curve = Curve.from_settings(settings)
+        if self.curve is not None and eligible:
+            self.curve.allow_list()
         self._context: zmq.Context[Any] = zmq.Context()
+        # Started with the first term as master: only a master listens.
+        self._auth: ServerAuth | None = None
         self._results_endpoint = f"inproc://pool-results-{self.info.id}"
         self._stop = threading.Event()
         self._bound = threading.Event()
         self._master_ok = threading.Event()
         self._problem = "no master yet"
         self._hung = False
+        self._send_blocked = False
         # SimpleQueue: its put wakes the worker without a Python-level Condition,
         # which was the member thread's hottest line on the request path.
         self._jobs: queue.SimpleQueue[tuple[str, bytes] | None] = queue.SimpleQueue()
@@ -258,6 +265,8 @@ class PoolMember:
         if self._started:
             self._thread.join(timeout)
             self._worker.join(timeout)
+        if self._auth is not None:
+            self._auth.stop()
         self._context.term()
         if not self._thread.is_alive():
             os.close(self._wake_r)
@@ -487,8 +496,11 @@ class PoolMember:
             directory,
             self.interval,
             self.settings.heartbeat_liveness,
+            self.curve,
         )
         try:
+            if self.curve is not None and self._auth is None:
+                self._auth = ServerAuth(self._context, self.curve).start()
             record = master.start()
         except Exception as exc:
             log.warning("could not become master of pool %r: %s", self.pool, exc)
@@ -519,6 +531,8 @@ class PoolMember:
         dealer.setsockopt(zmq.LINGER, 0)
         dealer.setsockopt(zmq.IDENTITY, self.info.id.encode())
         dealer.setsockopt(zmq.IPV6, 1)
+        if self.curve is not None:
+            self.curve.client(dealer)
         dealer.connect(record.endpoint)
         log.info(
             "member %s follows master pid %d of pool %r (epoch %d)",
@@ -588,13 +602,23 @@ class PoolMember:
             call.tracker.on_master_lost(call.tracker.broadcast_id, reason, now)
             self._settle(calls, call)
 
-    @staticmethod
-    def _send(dealer: zmq.Socket[bytes], frames: list[bytes]) -> bool:
+    def _send(self, dealer: zmq.Socket[bytes], frames: list[bytes]) -> bool:
         try:
             send_nowait(dealer, frames)
         except zmq.Again:
-            log.warning("send queue to the master is full; message not sent")
+            # Heartbeats hit this every tick while the master is unreachable
+            # (or refuses our Curve key): say so once per spell, not per beat.
+            level = logging.DEBUG if self._send_blocked else logging.WARNING
+            self._send_blocked = True
+            log.log(
+                level,
+                "member %s: cannot queue to the master of pool %r (unreachable, "
+                "or it refused our Curve key); message not sent",
+                self.info.id,
+                self.pool,
+            )
             return False
+        self._send_blocked = False
         return True
 
 
