@@ -40,7 +40,15 @@ from zmq.auth.thread import ThreadAuthenticator
 from mesh.config import Settings
 from mesh.errors import ConfigError
 
-__all__ = ["Curve", "ServerAuth", "add_commands", "new_keypair", "warn_if_exposed"]
+__all__ = [
+    "Curve",
+    "MeshKeys",
+    "ServerAuth",
+    "add_commands",
+    "ensure_mesh_keys",
+    "new_keypair",
+    "warn_if_exposed",
+]
 
 log = logging.getLogger(__name__)
 
@@ -220,6 +228,48 @@ def new_keypair(directory: str | os.PathLike[str], name: str) -> tuple[Path, Pat
         shutil.move(public, public_path)
     log.info("wrote Curve keypair %s in %s", name, directory)
     return public_path, secret_path
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshKeys:
+    """The keys `mesh up` runs a local mesh with.
+
+    One pair, ``server``, for every server, master and the tools that may act
+    as a master (``mesh broadcast``, the workload's stats broadcast), and an
+    allow-list holding its public key. A client with a pair of its own is
+    added with ``mesh keys new NAME --allow-dir <allow>``.
+    """
+
+    directory: Path
+
+    @property
+    def allow_dir(self) -> Path:
+        return self.directory / "allow"
+
+    def env(self) -> dict[str, str]:
+        """The ``MESH_CURVE_*`` settings of a process of the local mesh."""
+        return {
+            "MESH_CURVE_SECRET_KEY": str(self.directory / "server.key_secret"),
+            "MESH_CURVE_ALLOW_DIR": str(self.allow_dir),
+        }
+
+
+def ensure_mesh_keys(directory: str | os.PathLike[str]) -> MeshKeys:
+    """Make the ``server`` pair and its allow-list unless they exist.
+
+    Existing files are kept, so a restarted mesh keeps its keys and a user
+    may put a pair of their own there instead.
+    """
+    keys = MeshKeys(Path(directory))
+    keys.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+    keys.allow_dir.mkdir(exist_ok=True)
+    public = keys.directory / "server.key"
+    if not public.exists():
+        new_keypair(keys.directory, "server")
+    allowed = keys.allow_dir / public.name
+    if not allowed.exists():
+        shutil.copyfile(public, allowed)
+    return keys
 
 
 def warn_if_exposed(address: str, curve: Curve | None, what: str) -> None:

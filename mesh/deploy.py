@@ -35,6 +35,7 @@ from typing import Any
 import tenacity
 
 from mesh.config import Settings, format_hostport, parse_hostport
+from mesh.curve import MeshKeys, ensure_mesh_keys
 from mesh.errors import ConfigError, DiscoveryError, MeshError
 from mesh.netns import NetnsLayout
 
@@ -84,6 +85,8 @@ class Manifest:
     lease: float
     hosts: tuple[HostSpec, ...]
     path: Path
+    curve: bool = True
+    curve_dir: Path | None = None
 
     def expected_records(self) -> dict[str, int]:
         """SRV name -> how many records `mesh up` waits for before it is ready."""
@@ -132,6 +135,13 @@ def _int(
     return value
 
 
+def _bool(table: dict[str, Any], key: str, default: bool, where: str) -> bool:
+    value = table.get(key, default)
+    if not isinstance(value, bool):
+        raise ConfigError(f"{where}: {key} must be true or false, not {value!r}")
+    return value
+
+
 def load_manifest(path: str | os.PathLike[str]) -> Manifest:
     """Read and check a manifest; every mistake is a ConfigError naming where it is."""
     path = Path(path)
@@ -142,6 +152,9 @@ def load_manifest(path: str | os.PathLike[str]) -> Manifest:
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"manifest {path} is not valid TOML: {exc}") from None
 
+    curve = data.get("curve", {})
+    if not isinstance(curve, dict):
+        raise ConfigError(f"manifest {path}: curve must be a table ([curve])")
     zone = str(data.get("zone", "mesh.internal."))
     if not zone.endswith("."):
         zone += "."
@@ -201,6 +214,8 @@ def load_manifest(path: str | os.PathLike[str]) -> Manifest:
         lease=float(data.get("lease", 30.0)),
         hosts=tuple(hosts),
         path=path,
+        curve=_bool(curve, "enabled", True, f"{path.name}: [curve]"),
+        curve_dir=_path(curve.get("keys_dir")),
     )
 
 
@@ -345,6 +360,7 @@ def plan(
     settings: Settings,
     netns: NetnsLayout | None = None,
     log_level: str = "WARNING",
+    keys: MeshKeys | None = None,
 ) -> list[ProcessSpec]:
     """Every process `mesh up` starts, in start order (responder first).
 
@@ -359,6 +375,7 @@ def plan(
         "MESH_STATE_DIR": str(settings.state_dir),
         "MESH_LEASE": str(settings.lease),
         "MESH_LOG_LEVEL": os.environ.get("MESH_LOG_LEVEL") or log_level,
+        **(keys.env() if keys is not None else {}),
     }
     specs = [
         ProcessSpec(
@@ -460,7 +477,7 @@ def _signals_raise() -> Iterator[None]:
             signal.signal(s, h)
 
 
-def _banner(manifest: Manifest, settings: Settings) -> str:
+def _banner(manifest: Manifest, settings: Settings, keys: MeshKeys | None) -> str:
     host, port = parse_hostport(settings.dns_listen)
     lines = [
         f"mesh is up: zone {manifest.zone} served at {format_hostport(host, port)}"
@@ -469,6 +486,8 @@ def _banner(manifest: Manifest, settings: Settings) -> str:
         lines.append(f"  dig @{host} -p {port} {name} SRV")
     lines.append(f"  export MESH_NAMESERVERS={format_hostport(host, port)}")
     lines.append(f"  export MESH_KEY_FILE={settings.resolved_key_file}")
+    for name, value in (keys.env() if keys is not None else {}).items():
+        lines.append(f"  export {name}={value}")
     lines.append("Ctrl-C stops everything.")
     return "\n".join(lines)
 
@@ -488,6 +507,9 @@ def up(
     key_file = settings.resolved_key_file
     if not key_file.exists():
         generate_key_file(key_file)
+    keys = None
+    if manifest.curve:
+        keys = ensure_mesh_keys(manifest.curve_dir or settings.state_dir / "curve")
     settings.runtime_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
 
     supervisor = Supervisor()
@@ -502,12 +524,12 @@ def up(
             )
         try:
             level = child_log_level(verbose)
-            for spec in plan(manifest, settings, layout, level):
+            for spec in plan(manifest, settings, layout, level, keys):
                 supervisor.start(spec)
             wait_until_served(
                 settings, manifest.expected_records(), ready_timeout, supervisor
             )
-            print(_banner(manifest, settings), flush=True)
+            print(_banner(manifest, settings, keys), flush=True)
             if command:
                 env = dict(os.environ)
                 env.update(
@@ -518,6 +540,7 @@ def up(
                     # a temporary pool member it starts is cleaned up with them.
                     MESH_RUNTIME_DIR=str(settings.runtime_dir),
                     MESH_LOG_LEVEL=os.environ.get("MESH_LOG_LEVEL") or level,
+                    **(keys.env() if keys is not None else {}),
                 )
                 child = subprocess.Popen(list(command), env=env)
                 while child.poll() is None:

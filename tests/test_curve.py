@@ -204,3 +204,15 @@ def test_pool_over_curve_refuses_a_stranger(keys: Keys, tmp_path: Path) -> None:
     finally:
         for m in members:
             m.close()
+
+
+def test_member_that_may_become_master_needs_the_servers_pair(
+    keys: Keys, tmp_path: Path
+) -> None:
+    settings = keys.settings("client", runtime_dir=tmp_path / "run")
+    with pytest.raises(ConfigError, match="servers' keypair"):
+        PoolMember("p", settings, demo_handler("127.0.0.1"), directory=None)
+    # Kept out of the election, a client pair may join.
+    PoolMember(
+        "p", settings, demo_handler("127.0.0.1"), directory=None, eligible=False
+    ).close()

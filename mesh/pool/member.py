@@ -59,7 +59,7 @@ import zmq
 
 from mesh.config import Settings
 from mesh.curve import Curve, ServerAuth
-from mesh.errors import MasterUnavailable, PoolError
+from mesh.errors import ConfigError, MasterUnavailable, PoolError
 from mesh.pool.directory import DnsDirectory, FileDirectory, MasterDirectory
 from mesh.pool.election import (
     Election,
@@ -142,6 +142,14 @@ class PoolMember:
         self.curve = Curve.from_settings(settings)
         if self.curve is not None and eligible:
             self.curve.allow_list()
+            if self.curve.public != self.curve.server_public:
+                # Remote masters and local members connect to a master with
+                # the servers' public key; any other key would lock them out.
+                raise ConfigError(
+                    f"pool {pool!r}: this member may become master, which needs "
+                    "the servers' keypair, but curve_secret_key is another pair "
+                    "than curve_server_key"
+                )
         self._context: zmq.Context[Any] = zmq.Context()
         # Started with the first term as master: only a master listens.
         self._auth: ServerAuth | None = None

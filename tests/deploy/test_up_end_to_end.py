@@ -188,6 +188,11 @@ def test_mesh_up_workload_crash_restart_and_clean_stop(
         MESH_RUNTIME_DIR=str(tmp / "run"),
         MESH_LOG_LEVEL="WARNING",
     )
+    # The banner's export lines, as a user would paste them: with them the
+    # client has the mesh's Curve keys.
+    exports = dict(re.findall(r"export (MESH_\w+)=(\S+)", out_file.read_text()))
+    assert {"MESH_CURVE_SECRET_KEY", "MESH_CURVE_ALLOW_DIR"} <= set(exports)
+    client_env.update(exports)
 
     # -- the workload: every check passes, every server and member shows ----
     workload = subprocess.run(
