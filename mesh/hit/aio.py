@@ -264,7 +264,14 @@ async def _receive(
         timeout_ms = int(min(step.timeout, SLICE) * 1000) + 1
         if not await sock.poll(timeout_ms):
             continue
-        frames = await sock.recv_multipart(copy=False)
+        # Bounded too: under load, with the peer just killed, the asyncio
+        # poll reported a message that the recv then waited for forever.
+        try:
+            frames = await asyncio.wait_for(
+                sock.recv_multipart(copy=False), max(step.timeout, 0.001)
+            )
+        except TimeoutError:
+            continue
         try:
             message = protocol.decode(frames)
         except ProtocolError as exc:
