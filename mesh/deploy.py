@@ -23,6 +23,7 @@ import os
 import shlex
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -437,17 +438,20 @@ def wait_until_served(
                 )
             except (DiscoveryError, dns.resolver.NoAnswer):
                 pass
-        line = f"\rwaiting for DNS: {served}/{total} SRV records served"
+        line = f"waiting for DNS: {served}/{total} SRV records served"
         if line != last and out is not None:
-            out.write(line)
+            # Rewritten in place on a terminal; one line per change in a log,
+            # where a carriage return would run into the next log line.
+            tty = out.isatty()
+            out.write(("\r" + line) if tty else line + "\n")
             out.flush()
             last = line
         if served >= total:
-            if out is not None:
+            if out is not None and out.isatty():
                 out.write("\n")
             return
         if time.monotonic() > deadline:
-            if out is not None:
+            if out is not None and out.isatty():
                 out.write("\n")
             raise MeshError(
                 f"only {served} of {total} SRV records were served after {timeout:.0f} s; "
@@ -477,7 +481,12 @@ def _signals_raise() -> Iterator[None]:
             signal.signal(s, h)
 
 
-def _banner(manifest: Manifest, settings: Settings, keys: MeshKeys | None) -> str:
+def _banner(
+    manifest: Manifest,
+    settings: Settings,
+    keys: MeshKeys | None,
+    command: Sequence[str] = (),
+) -> str:
     host, port = parse_hostport(settings.dns_listen)
     lines = [
         f"mesh is up: zone {manifest.zone} served at {format_hostport(host, port)}"
@@ -488,7 +497,10 @@ def _banner(manifest: Manifest, settings: Settings, keys: MeshKeys | None) -> st
     lines.append(f"  export MESH_KEY_FILE={settings.resolved_key_file}")
     for name, value in (keys.env() if keys is not None else {}).items():
         lines.append(f"  export {name}={value}")
-    lines.append("Ctrl-C stops everything.")
+    if command:
+        lines.append(f"running {shlex.join(command)}; the mesh stops when it ends.")
+    else:
+        lines.append("Ctrl-C stops everything.")
     return "\n".join(lines)
 
 
@@ -522,6 +534,7 @@ def up(
             settings = dataclasses.replace(
                 settings, dns_listen=listen, nameservers=[listen]
             )
+        check_port_free(settings.dns_listen)
         try:
             level = child_log_level(verbose)
             for spec in plan(manifest, settings, layout, level, keys):
@@ -529,7 +542,7 @@ def up(
             wait_until_served(
                 settings, manifest.expected_records(), ready_timeout, supervisor
             )
-            print(_banner(manifest, settings, keys), flush=True)
+            print(_banner(manifest, settings, keys, command), flush=True)
             if command:
                 env = dict(os.environ)
                 env.update(
@@ -569,6 +582,28 @@ def up(
                 + [settings.runtime_dir]
             )
     return status
+
+
+def check_port_free(listen: str) -> None:
+    """Fail now, clearly, when the responder's address is taken.
+
+    Otherwise the responder would exit, be restarted with backoff, and every
+    server would fail to register until the ready timeout ran out.
+    """
+    host, port = parse_hostport(listen)
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    for kind, name in ((socket.SOCK_DGRAM, "UDP"), (socket.SOCK_STREAM, "TCP")):
+        with socket.socket(family, kind) as probe:
+            if kind == socket.SOCK_STREAM:
+                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                probe.bind((host, port))
+            except OSError as exc:
+                raise ConfigError(
+                    f"cannot run the responder on {listen}: {name} port {port} "
+                    f"is taken ({exc.strerror}). Stop what uses it, or change "
+                    "[responder] listen in the manifest."
+                ) from None
 
 
 def purge_records(manifest: Manifest, settings: Settings) -> int:
@@ -673,7 +708,7 @@ def _netns_hosts(manifest: Manifest, enabled: bool) -> Iterator[NetnsLayout | No
 def _cmd_up(args: argparse.Namespace) -> int:
     from mesh.cli import settings_from_args
 
-    command = list(args.command)
+    command = list(args.run)
     if command[:1] != ["--"] and command[:1] and command[0].startswith("-"):
         # REMAINDER also takes options written after the manifest
         # (`mesh up m.toml -v -- cmd`): parse those, up to the "--", again,
@@ -681,7 +716,7 @@ def _cmd_up(args: argparse.Namespace) -> int:
         cut = command.index("--") if "--" in command else len(command)
         manifest_path = args.manifest
         args._parser.parse_args([*command[:cut], manifest_path], namespace=args)
-        if args.command or args.manifest != manifest_path:
+        if args.run or args.manifest != manifest_path:
             raise ConfigError(
                 f"cannot tell options from the command in {shlex.join(command)!r}. "
                 "Put the command to run after '--'."
@@ -732,6 +767,8 @@ def add_commands(sub: argparse._SubParsersAction[Any]) -> None:
         default=60.0,
         help="seconds to wait for every SRV record (default 60)",
     )
-    p.add_argument("command", nargs=argparse.REMAINDER, help="-- CMD ARGS: run once up")
+    p.add_argument(
+        "run", nargs=argparse.REMAINDER, metavar="-- CMD", help="run CMD once up"
+    )
     add_settings_arguments(p)
     p.set_defaults(func=_cmd_up, _parser=p)

@@ -118,3 +118,37 @@ def test_up_refuses_a_command_it_cannot_tell_from_options(
     args = build_parser().parse_args(["up", "m.toml", "-v", "mesh", "workload"])
     with pytest.raises(ConfigError, match="after '--'"):
         args.func(args)
+
+
+def test_mesh_up_stops_at_once_when_the_dns_port_is_taken(tmp_path: Path) -> None:
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as taken:
+        taken.bind(("127.0.0.1", 0))
+        port = taken.getsockname()[1]
+        manifest = tmp_path / "m.toml"
+        manifest.write_text(
+            f'[responder]\nlisten = "127.0.0.1:{port}"\n'
+            '[[hosts]]\n[[hosts.services]]\nname = "x"\nhandler = "a:B"\n'
+        )
+        out = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "mesh",
+                "up",
+                str(manifest),
+                "--state-dir",
+                str(tmp_path / "s"),
+                "--runtime-dir",
+                str(tmp_path / "r"),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    assert out.returncode == 1
+    assert "\nmesh up: cannot run the responder on 127.0.0.1:" in "\n" + out.stderr
+    assert f"UDP port {port} is taken" in out.stderr
