@@ -29,6 +29,8 @@ from mesh.responder.testing import DnsProcess
 
 pytestmark = pytest.mark.slow
 
+REPO = Path(__file__).resolve().parents[2]
+
 ZONE = "mesh.internal."
 SRV = f"_blobstore._tcp.{ZONE}"
 
@@ -212,6 +214,20 @@ def test_mesh_up_workload_crash_restart_and_clean_stop(
     assert sum(int(r[5]) for r in rows) == 16  # every Hit is counted once
     assert "broadcast: 4 members on 2 hosts: 4 replied" in summary
     assert re.search(r"call latency: p50 [\d.]+ ms, p90 [\d.]+ ms, p99", summary)
+
+    # -- the README's client example, exactly as printed ---------------------
+    readme = (REPO / "README.md").read_text()
+    example = re.search(r"```python\n(.*?)```", readme, re.DOTALL)
+    assert example is not None
+    ran = subprocess.run(
+        [sys.executable, "-c", example[1]],
+        capture_output=True,
+        text=True,
+        env=client_env,
+        timeout=60,
+    )
+    assert ran.returncode == 0, ran.stdout + ran.stderr
+    assert "hello.txt" in ran.stdout
 
     # -- mesh status, against the running mesh ------------------------------
     status = subprocess.run(
