@@ -531,6 +531,11 @@ class Master:
         if peer is not None and epoch < peer.epoch:
             return  # an old master of that host, not yet dead: ignore it
         if peer is None or peer.endpoint != endpoint or epoch != peer.epoch:
+            if peer is not None and peer.alive:
+                # The old master is gone even though it never went silent for
+                # the liveness window: without this its open routes would
+                # wait for it until their deadline.
+                self._peer_lost(peer, f"replaced by epoch {epoch}")
             if peer is not None and peer.endpoint != endpoint:
                 old = self._dealers.pop(peer.endpoint, None)
                 if old is not None and peer.endpoint not in self._dns_endpoints:

@@ -117,6 +117,28 @@ def test_sigkilled_master_is_replaced(healthy: Cluster) -> None:
     healthy.converge(budget=30.0)
 
 
+def test_broadcast_in_flight_ends_when_a_remote_master_is_replaced(
+    healthy: Cluster,
+) -> None:
+    # The successor greets the issuer's master before the liveness window
+    # runs out, so only the epoch change can end the broadcast early.
+    host = "127.0.0.3"
+    gather = Background(healthy, b"sleep:1.5:r", timeout=12.0)
+    time.sleep(0.6)
+    kill(healthy.master_proc(host))
+    killed = time.monotonic()
+    result = gather.result()
+    # Bound: the handlers' remaining 0.9 s or L = 1 s, x3 for a loaded machine.
+    assert time.monotonic() - killed < 3.0
+    assert result.complete
+    failed = result.with_outcome(Outcome.FAILED)
+    assert {m.member.host for m in failed} == {host}
+    assert len(failed) == 4
+    assert all(f"master of {host} lost" in m.reason for m in failed)
+    assert result.counts[Outcome.REPLIED] == 8
+    assert result.counts[Outcome.TIMED_OUT] == 0
+
+
 def test_sigkilled_master_of_the_issuing_host_is_replaced(healthy: Cluster) -> None:
     host = "127.0.0.2"
     old = healthy.master_record(host)
