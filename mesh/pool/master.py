@@ -177,6 +177,10 @@ class Master:
             target=self._run, name=f"pool-master-{pool}", daemon=True
         )
         self._members: dict[str, _LocalMember] = {}
+        # Members lost without a goodbye whose process still lives (stopped,
+        # swapped out), with when they were last heard. Each broadcast lists
+        # them as failed, so a result never omits a member that still exists.
+        self._silent: dict[str, _LocalMember] = {}
         self._peers: dict[str, _Peer] = {}
         self._dns_endpoints: dict[str, str] = {}
         self._dealers: dict[str, zmq.Socket[bytes]] = {}
@@ -354,6 +358,12 @@ class Master:
             error = self._send_local(member_id, [b"HB", beat])
             if error is not None:
                 self._member_lost(member_id, error)
+        if self._silent:
+            # Their member files say whether they still exist; a process
+            # that is gone no longer belongs in any result.
+            live = self.election.live_members()
+            for member_id in [m for m in self._silent if m not in live]:
+                del self._silent[member_id]
         header = self._peer_beat()
         for endpoint in list(self._dealers):
             self._send_dealer(endpoint, [b"HB", header])
@@ -365,6 +375,8 @@ class Master:
         member = self._members.pop(member_id, None)
         if member is None:
             return
+        if not clean:
+            self._silent[member_id] = member
         # A member that said goodbye is routine; one that went silent is not.
         log.log(
             logging.INFO if clean else logging.WARNING,
@@ -608,6 +620,7 @@ class Master:
             info = MemberInfo.from_wire(decode(frames[2]))
             known = self._members.get(member_id)
             if known is None:
+                self._silent.pop(member_id, None)
                 log.info(
                     "pool %r: member %s joined (pid %d)", self.pool, member_id, info.pid
                 )
@@ -692,6 +705,7 @@ class Master:
         payload: bytes,
     ) -> None:
         targets = [m for m in self._members.values() if m.info.id != exclude]
+        silent = [m for m in self._silent.values() if m.info.id != exclude]
         route.pending_members = {m.info.id for m in targets}
         # The list goes out before the requests, so the origin knows every
         # member before any of their answers can arrive.
@@ -701,9 +715,18 @@ class Master:
             {
                 "ev": "expect",
                 "host": self.host,
-                "members": [m.info.to_wire() for m in targets],
+                "members": [m.info.to_wire() for m in targets + silent],
             },
         )
+        now = time.monotonic()
+        for member in silent:
+            reason = (
+                f"silent since {now - member.last_heard:.1f}s ago "
+                "(heartbeats stopped, process still alive)"
+            )
+            self._to_origin(
+                bid, route, {"ev": "failed", "member": member.info.id, "reason": reason}
+            )
         request = encode({"timeout": timeout})
         for member in targets:
             error = self._send_local(

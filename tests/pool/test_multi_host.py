@@ -7,6 +7,7 @@ over after a crash and under 3 s to replace a hung master.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import threading
@@ -15,7 +16,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import zmq
 
+from mesh.pool.master import query_status
 from mesh.pool.tracker import BroadcastResult, Outcome
 
 from .cluster import Cluster, kill, wait_for
@@ -60,6 +63,25 @@ class Background:
         return self.box[0]
 
 
+def status_members(c: Cluster, host: str) -> set[str]:
+    record = c.master_record(host)
+    assert record is not None
+    context = zmq.Context()
+    try:
+        status = query_status(context, str(record["peer_endpoint"]), timeout=2.0)
+    finally:
+        context.term()
+    assert status is not None
+    return {m["id"] for m in status["members"]}
+
+
+def member_id(c: Cluster, host: str, pid: int) -> str:
+    for path in (c.runtime_dir(host) / "p.members").iterdir():
+        if json.loads(path.read_text())["pid"] == pid:
+            return path.name
+    raise AssertionError(f"no member file for pid {pid}")
+
+
 def test_twelve_replies_from_three_hosts(healthy: Cluster) -> None:
     result = healthy.broadcast(b"hello")
     assert result.complete
@@ -97,6 +119,26 @@ def test_sigstopped_member_mid_handler_is_reported(healthy: Cluster) -> None:
     (stuck,) = result.with_outcome(Outcome.FAILED)
     assert stuck.member.pid == victim.pid
     assert "heartbeat" in stuck.reason
+    assert result.counts[Outcome.REPLIED] == 11
+
+
+def test_stopped_member_is_still_listed_after_its_master_dropped_it(
+    healthy: Cluster,
+) -> None:
+    host = "127.0.0.3"
+    victim = healthy.member_proc(host)
+    victim_id = member_id(healthy, host, victim.pid)
+    os.kill(victim.pid, signal.SIGSTOP)
+    try:
+        # Documented: a hung member is dropped within L + i = 1.25 s.
+        wait_for(lambda: victim_id not in status_members(healthy, host), 3.75)
+        result = healthy.broadcast(b"after-stop", timeout=10.0)
+    finally:
+        kill(victim)
+    assert result.complete
+    (stuck,) = result.with_outcome(Outcome.FAILED)
+    assert stuck.member.id == victim_id
+    assert stuck.reason.startswith("silent since")
     assert result.counts[Outcome.REPLIED] == 11
 
 
