@@ -120,6 +120,10 @@ def recv_nowait(sock: zmq.Socket[bytes]) -> list[bytes]:
     return frames
 
 
+class _QueueFull(str):
+    """A send error that may clear by itself: the peer's queue is full."""
+
+
 @dataclasses.dataclass
 class _LocalMember:
     info: MemberInfo
@@ -324,6 +328,10 @@ class Master:
                 self._expire(now)
             self._flush()
             wait = max(0.0, min(next_beat - now, self.interval / 2))
+            if self._outbox:
+                # Events a full queue refused wait for their next try only
+                # briefly; the issuer is waiting for them.
+                wait = min(wait, 0.01)
             for sock, _ in poller.poll(int(wait * 1000) + 1):
                 # Drain what is queued, but bounded so heartbeats stay on time.
                 for _ in range(256):
@@ -482,7 +490,7 @@ class Master:
         try:
             send_nowait(dealer, frames)
         except zmq.Again:
-            return f"send queue to {endpoint} is full"
+            return _QueueFull(f"send queue to {endpoint} is full")
         return None
 
     def _send_peer(self, host: str, frames: list[bytes]) -> str | None:
@@ -606,7 +614,7 @@ class Master:
         try:
             send_nowait(self._local, [member_id.encode(), *frames])
         except zmq.Again:
-            return "send queue full"
+            return _QueueFull("send queue full")
         except zmq.ZMQError as exc:
             if exc.errno == zmq.EHOSTUNREACH:
                 return "not connected"
@@ -748,23 +756,39 @@ class Master:
         self._outbox.setdefault(bid, (route, []))[1].extend((encode(event), payload))
 
     def _flush(self) -> None:
-        """Send every gathered event, one message per broadcast."""
+        """Send every gathered event, one message per broadcast.
+
+        A full queue is retried on the next turn, until the route expires;
+        only then, or when the receiver is gone, are the events dropped, and
+        never without a warning: the issuer is left to time those members out.
+        """
         outbox, self._outbox = self._outbox, {}
+        now = time.monotonic()
         for bid, (route, events) in outbox.items():
             frames = [b"EV", bid.encode(), *events]
             if route.issuer is not None:
                 error = self._send_local(route.issuer, frames)
-                if error is not None:
-                    log.debug(
-                        "issuer of %s is gone (%s); dropping its route", bid, error
-                    )
-                    self._routes.pop(bid, None)
+                receiver = f"issuer {route.issuer}"
             else:
                 error = self._send_peer(route.origin_host, frames)
-                if error is not None:
-                    log.debug(
-                        "cannot relay %s to %s: %s", bid, route.origin_host, error
-                    )
+                receiver = f"the master of {route.origin_host}"
+            if error is None:
+                continue
+            if isinstance(error, _QueueFull) and now < route.expires:
+                # Ahead of anything gathered since, to keep the order.
+                self._outbox.setdefault(bid, (route, []))[1][:0] = events
+            elif route.issuer is not None and not isinstance(error, _QueueFull):
+                # The issuer left: nobody waits for this broadcast any more.
+                log.info("issuer of %s is gone (%s); dropping its route", bid, error)
+                self._routes.pop(bid, None)
+            else:
+                log.warning(
+                    "dropping %d events of broadcast %s for %s: %s",
+                    len(events) // 2,
+                    bid,
+                    receiver,
+                    error,
+                )
 
     def _say_goodbye(self, local: zmq.Socket[bytes]) -> None:
         """On a clean exit, tell members and peers so they move on at once."""

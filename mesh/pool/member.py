@@ -40,6 +40,7 @@ Let ``i`` be ``heartbeat_interval`` and ``L = i * heartbeat_liveness``.
 from __future__ import annotations
 
 import argparse
+import collections
 import concurrent.futures
 import contextlib
 import dataclasses
@@ -96,6 +97,41 @@ class _Call:
     done: concurrent.futures.Future[BroadcastResult] = dataclasses.field(
         default_factory=concurrent.futures.Future
     )
+
+
+class _Answers:
+    """Replies the master's queue could not take yet, retried in order.
+
+    Each waits at most until its ``deadline``: a member whose messages
+    cannot reach its master for the liveness window has been failed there
+    already, and the reply could no longer change the result.
+    """
+
+    def __init__(self) -> None:
+        self._queue: collections.deque[tuple[float, list[bytes]]] = collections.deque()
+
+    def __bool__(self) -> bool:
+        return bool(self._queue)
+
+    def add(self, frames: list[bytes], deadline: float) -> None:
+        self._queue.append((deadline, frames))
+
+    def clear(self) -> None:
+        self._queue.clear()
+
+    def flush(
+        self, send: Callable[[list[bytes]], bool], now: float
+    ) -> list[list[bytes]]:
+        """Send what the queue takes; returns the answers dropped as expired."""
+        expired = []
+        while self._queue:
+            deadline, frames = self._queue[0]
+            if deadline <= now:
+                expired.append(frames)
+            elif not send(frames):
+                break
+            self._queue.popleft()
+        return expired
 
 
 class PoolMember:
@@ -370,6 +406,7 @@ class PoolMember:
         watch = MasterWatch(self.liveness_timeout)
         dealer: zmq.Socket[bytes] | None = None
         working: set[str] = set()
+        answers = _Answers()
         voted_epoch = 0
         reported_epoch = 0
         next_tick = 0.0
@@ -394,6 +431,8 @@ class PoolMember:
                         poller.unregister(dealer)
                         dealer.close(linger=0)
                         dealer = None
+                    # The new master has no route for them.
+                    answers.clear()
                     self._master_ok.clear()
                     self._hung = False
                     if record is not None:
@@ -434,6 +473,10 @@ class PoolMember:
                     self._settle(calls, call)
                 else:
                     wake_at = min(wake_at, call.tracker.deadline)
+            if answers and dealer is not None:
+                self._send_answers(dealer, answers, now)
+            if answers:
+                wake_at = min(wake_at, now + 0.01)
             wait = max(0.0, wake_at - time.monotonic())
             ready = dict(poller.poll(int(wait * 1000) + 1))
             now = time.monotonic()
@@ -469,7 +512,9 @@ class PoolMember:
                     working.discard(bid_raw.decode())
                     if dealer is not None:
                         kind = b"REPLY" if status == b"ok" else b"FAILED"
-                        self._send(dealer, [kind, bid_raw, body])
+                        answers.add([kind, bid_raw, body], now + self.liveness_timeout)
+                if answers and dealer is not None:
+                    self._send_answers(dealer, answers, now)
             if self._wake_r in ready:
                 with contextlib.suppress(BlockingIOError):
                     os.read(self._wake_r, 4096)
@@ -609,6 +654,19 @@ class PoolMember:
         for call in list(calls.values()):
             call.tracker.on_master_lost(call.tracker.broadcast_id, reason, now)
             self._settle(calls, call)
+
+    def _send_answers(
+        self, dealer: zmq.Socket[bytes], answers: _Answers, now: float
+    ) -> None:
+        for frames in answers.flush(lambda f: self._send(dealer, f), now):
+            log.warning(
+                "member %s: answer to broadcast %s dropped: the master of pool "
+                "%r took no message for %.1fs",
+                self.info.id,
+                frames[1].decode(errors="replace"),
+                self.pool,
+                self.liveness_timeout,
+            )
 
     def _send(self, dealer: zmq.Socket[bytes], frames: list[bytes]) -> bool:
         try:
