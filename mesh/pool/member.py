@@ -627,7 +627,7 @@ class PoolMember:
         voters = election.votes(record.epoch)
         live = election.live_members()
         if kill_quorum(voters, live, record.member_id) and election.claim_kill(
-            record.epoch
+            record.epoch, time.monotonic(), self.liveness_timeout
         ):
             election.kill_master(record)
 
