@@ -163,8 +163,15 @@ class Master:
         heartbeat_interval: float,
         heartbeat_liveness: int,
         curve: Curve | None = None,
+        *,
+        max_members: int = 1024,
+        max_pending: int = 256,
     ) -> None:
         self.context = context
+        self.max_members = max_members
+        self.max_pending = max_pending
+        # Ids refused a seat, so the log says so once per member, not per beat.
+        self._refused: set[str] = set()
         self.curve = curve
         self.pool = pool
         self.host = host
@@ -627,6 +634,9 @@ class Master:
         if kind == b"HB":
             info = MemberInfo.from_wire(decode(frames[2]))
             known = self._members.get(member_id)
+            if known is None and len(self._members) >= self.max_members:
+                self._refuse(member_id)
+                return
             if known is None:
                 self._silent.pop(member_id, None)
                 log.info(
@@ -637,6 +647,15 @@ class Master:
                 known.last_heard = now
             return
         member = self._members.get(member_id)
+        if member is None and kind == b"BCAST":
+            # Refused a seat, or dropped as lost: it waits for an answer.
+            bid = str(decode(frames[2])["bid"])
+            self._to_origin(
+                bid,
+                _Route(self.host, member_id, now),
+                {"ev": "rejected", "reason": f"{member_id} is no member here"},
+            )
+            return
         if member is None:
             log.debug("dropping %r from unknown member %s", kind, member_id)
             return
@@ -664,8 +683,25 @@ class Master:
                     bid, route, {"ev": "failed", "member": member_id, "reason": reason}
                 )
                 self._drop_if_settled(bid, route)
+        elif kind == b"DONE":
+            # The issuer has its result: later answers have nobody to go to.
+            route = self._routes.get(frames[2].decode())
+            if route is not None and route.issuer == member_id:
+                del self._routes[frames[2].decode()]
         elif kind == b"BYE":
             self._member_lost(member_id, "left the pool", clean=True)
+
+    def _refuse(self, member_id: str) -> None:
+        reason = (
+            f"pool {self.pool!r} on {self.host} is full: max_pool_members is "
+            f"{self.max_members}"
+        )
+        if member_id not in self._refused:
+            if len(self._refused) >= self.max_members:
+                self._refused.clear()
+            self._refused.add(member_id)
+            log.warning("refusing member %s: %s", member_id, reason)
+        self._send_local(member_id, [b"REFUSED", reason.encode()])
 
     def _broadcast(
         self, issuer: str, header: dict[str, Any], payload: bytes, now: float
@@ -675,6 +711,16 @@ class Master:
         timeout = float(header["timeout"])
         exclude = None if header.get("include_self", True) else issuer
         route = _Route(self.host, issuer, now + timeout + ROUTE_GRACE)
+        pending = sum(r.issuer is not None for r in self._routes.values())
+        if pending >= self.max_pending:
+            reason = (
+                f"{pending} broadcasts pending on the master of pool {self.pool!r} "
+                f"on {self.host}: max_pending_broadcasts is {self.max_pending}"
+            )
+            log.warning("rejecting broadcast %s of %s: %s", bid, issuer, reason)
+            # The route is not kept: only this one event goes back.
+            self._to_origin(bid, route, {"ev": "rejected", "reason": reason})
+            return
         self._routes[bid] = route
         fwd = encode(
             {

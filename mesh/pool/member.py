@@ -60,7 +60,7 @@ import zmq
 
 from mesh.config import Settings
 from mesh.curve import Curve, ServerAuth
-from mesh.errors import ConfigError, MasterUnavailable, PoolError
+from mesh.errors import BroadcastRejected, ConfigError, MasterUnavailable, PoolError
 from mesh.pool.directory import DnsDirectory, FileDirectory, MasterDirectory
 from mesh.pool.election import (
     Election,
@@ -213,6 +213,11 @@ class PoolMember:
             target=self._work, name=f"pool-worker-{pool}", daemon=True
         )
         self._master: Master | None = None
+        # Why the master refused us a seat; None while we have one.
+        self._refused: str | None = None
+        self._outstanding = 0
+        # Ids of broadcasts settled here, for the master to forget.
+        self._finished: list[bytes] = []
         self._epoch = 0
         self._started = False
         self._closed = False
@@ -276,6 +281,10 @@ class PoolMember:
                     f"pool {self.pool!r} has no usable master on {self.host}: "
                     f"{self._problem}"
                 )
+        if self._refused is not None:
+            raise BroadcastRejected(
+                f"pool member {self.info.id!r} has no seat: {self._refused}"
+            )
         bid = f"{self.info.id}-{next(_ids)}-{secrets.token_hex(4)}"
         header = {
             "bid": bid,
@@ -286,6 +295,14 @@ class PoolMember:
         with self._wake_lock:
             if self._closed:
                 raise PoolError(f"pool member {self.info.id!r} closed")
+            limit = self.settings.max_pending_broadcasts
+            if self._outstanding >= limit:
+                raise BroadcastRejected(
+                    f"{self._outstanding} broadcasts pending on pool member "
+                    f"{self.info.id!r}: max_pending_broadcasts is {limit}"
+                )
+            self._outstanding += 1
+            call.done.add_done_callback(self._call_ended)
             self._calls.put(call)
             with contextlib.suppress(BlockingIOError):
                 os.write(self._wake_w, b"\0")
@@ -295,6 +312,10 @@ class PoolMember:
             raise PoolError(
                 f"pool member {self.info.id!r} did not settle broadcast {bid}"
             ) from None
+
+    def _call_ended(self, _: concurrent.futures.Future[BroadcastResult]) -> None:
+        with self._wake_lock:
+            self._outstanding -= 1
 
     def close(self, timeout: float = 5.0) -> None:
         """Leave the pool: stop the master role if held, then the threads."""
@@ -475,6 +496,11 @@ class PoolMember:
                     wake_at = min(wake_at, call.tracker.deadline)
             if answers and dealer is not None:
                 self._send_answers(dealer, answers, now)
+            if self._finished:
+                if dealer is not None:
+                    for bid_raw in self._finished:
+                        self._send(dealer, [b"DONE", bid_raw])
+                self._finished.clear()
             if answers:
                 wake_at = min(wake_at, now + 0.01)
             wait = max(0.0, wake_at - time.monotonic())
@@ -500,6 +526,13 @@ class PoolMember:
                         target = calls.get(frames[1].decode())
                         if target is not None:
                             self._on_event(calls, target, frames, now)
+                    elif kind == b"HB":
+                        self._refused = None
+                    elif kind == b"REFUSED":
+                        reason = frames[1].decode(errors="replace")
+                        if self._refused is None:
+                            log.warning("member %s refused: %s", self.info.id, reason)
+                        self._refused = reason
                     elif kind == b"RESIGN":
                         log.info("master of pool %r resigned", self.pool)
                         next_tick = now
@@ -550,6 +583,8 @@ class PoolMember:
             self.interval,
             self.settings.heartbeat_liveness,
             self.curve,
+            max_members=self.settings.max_pool_members,
+            max_pending=self.settings.max_pending_broadcasts,
         )
         try:
             if self.curve is not None and self._auth is None:
@@ -637,17 +672,23 @@ class PoolMember:
         try:
             # [EV, bid, (header, payload)...]: events arrive batched.
             for i in range(2, len(frames) - 1, 2):
-                _feed(call.tracker, decode(frames[i]), frames[i + 1], now)
+                event = decode(frames[i])
+                if event.get("ev") == "rejected":
+                    del calls[call.tracker.broadcast_id]
+                    call.done.set_exception(BroadcastRejected(str(event["reason"])))
+                    return
+                _feed(call.tracker, event, frames[i + 1], now)
         except (ValueError, KeyError, TypeError, IndexError) as exc:
             log.warning("dropping malformed pool event: %s", exc)
             return
         if call.tracker.done:
             self._settle(calls, call)
 
-    @staticmethod
-    def _settle(calls: dict[str, _Call], call: _Call) -> None:
-        # Later events for this id find no call and are dropped.
+    def _settle(self, calls: dict[str, _Call], call: _Call) -> None:
+        # Later events for this id find no call and are dropped; the master
+        # hears it too, so it stops relaying them and frees the slot.
         del calls[call.tracker.broadcast_id]
+        self._finished.append(call.tracker.broadcast_id.encode())
         call.done.set_result(call.tracker.result())
 
     def _master_lost(self, calls: dict[str, _Call], reason: str, now: float) -> None:
