@@ -118,6 +118,11 @@ class Settings:
     heartbeat_interval: float = 0.25
     heartbeat_liveness: int = 4
     kill_hung_master: bool = True
+    # Members one master takes, and broadcasts outstanding at once on one
+    # member and on one master. Beyond them a join or a broadcast is refused
+    # with a clear error, rather than growing the master's state unboundedly.
+    max_pool_members: int = 1024
+    max_pending_broadcasts: int = 256
 
     # Curve (see mesh.curve): our .key_secret turns it on; listening sockets
     # accept the keys in the allow-list directory; clients trust the servers'

@@ -22,10 +22,13 @@ The members of a pool on one host share a runtime directory (host-local,
 A hung master keeps its lock, so the election cannot move on by itself.
 Each member that has heard nothing from its master for the liveness window
 votes. When the votes reach a majority of the live members other than the
-master, the first voter to create ``<epoch>/kill`` (``O_EXCL``, so exactly
-one) checks that the record's pid still has the recorded start time (the
-pid was not reused by another process) and sends it SIGKILL. The lock is
-freed and the ordinary election runs with epoch + 1.
+master, the first voter to create ``<epoch>/kill.0`` (an exclusive link, so
+exactly one) checks that the record's pid still has the recorded start time
+(the pid was not reused by another process) and sends it SIGKILL. The lock
+is freed and the ordinary election runs with epoch + 1. The claim names its
+claimant (pid, start time) and when it was made; should the claimant die or
+stall before the kill, any voter may claim again with ``kill.<n + 1>``, once
+the claimant is gone or the liveness window has passed.
 
 The decision rules are in :class:`MasterWatch` and :func:`kill_quorum`, pure
 functions of what was observed and ``now``; the rest of this module is the
@@ -284,18 +287,51 @@ class Election:
     def votes(self, epoch: int) -> set[str]:
         path = self.votes_dir / str(epoch)
         try:
-            return {p.name for p in path.iterdir() if p.name != "kill"}
+            names = [p.name for p in path.iterdir()]
         except FileNotFoundError:
             return set()
+        # Kill claims and their temp files share the directory with the votes.
+        return {n for n in names if not n.startswith((".", "kill."))}
 
-    def claim_kill(self, epoch: int) -> bool:
-        """Exactly one voter per epoch gets True and does the killing."""
+    def claim_kill(self, epoch: int, now: float, stale_after: float) -> bool:
+        """True for exactly one voter at a time, who then does the killing.
+
+        ``now`` is a ``time.monotonic()`` value, comparable between the
+        processes of one host. A claim older than ``stale_after`` seconds,
+        or whose claimant has died, may be taken over: otherwise a voter
+        that died between claiming and killing would leave the hung master
+        in place for good.
+        """
         path = self.votes_dir / str(epoch)
         path.mkdir(exist_ok=True)
+        claims = sorted(
+            int(p.name[5:])
+            for p in path.iterdir()
+            if p.name.startswith("kill.") and p.name[5:].isdigit()
+        )
+        if claims:
+            latest = claims[-1]
+            if not _claim_stale(path / f"kill.{latest}", now, stale_after):
+                return False
+            generation = latest + 1
+        else:
+            generation = 0
+        pid = os.getpid()
+        claim = json.dumps(
+            {"pid": pid, "start_time": process_start_time(pid), "claimed_at": now}
+        )
+        # Written whole before it gets its name, so no reader sees half a claim;
+        # link() fails if the name exists, so one of two racing voters wins.
+        fd, tmp = tempfile.mkstemp(dir=path, prefix=".claim.")
         try:
-            os.close(os.open(path / "kill", os.O_WRONLY | os.O_CREAT | os.O_EXCL))
+            with os.fdopen(fd, "w") as f:
+                f.write(claim)
+            os.link(tmp, path / f"kill.{generation}")
         except FileExistsError:
             return False
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
         return True
 
     def kill_master(self, record: MasterRecord) -> bool:
@@ -313,6 +349,11 @@ class Election:
             os.kill(record.pid, signal.SIGKILL)
         except ProcessLookupError:
             return False
+        except OSError as exc:
+            # EPERM (another user's process, a sandbox) must not end the
+            # member thread; the claim goes stale and another voter tries.
+            log.warning("cannot kill hung master pid %d: %s", record.pid, exc)
+            return False
         return True
 
     def prune_votes(self, below_epoch: int) -> None:
@@ -324,6 +365,22 @@ class Election:
                         child.unlink()
                 with contextlib.suppress(OSError):
                     path.rmdir()
+
+
+def _claim_stale(path: Path, now: float, stale_after: float) -> bool:
+    try:
+        data = json.loads(path.read_text())
+        pid, start_time = int(data["pid"]), data["start_time"]
+        claimed_at = float(data["claimed_at"])
+    except FileNotFoundError:
+        # Pruned under us: the epoch is over, nothing to take over.
+        return False
+    except (OSError, ValueError, KeyError, TypeError):
+        log.warning("unreadable kill claim %s; taking it over", path)
+        return True
+    if start_time is None or not process_alive(pid, int(start_time)):
+        return True
+    return now - claimed_at > stale_after
 
 
 def _atomic_write(path: Path, text: str) -> None:

@@ -120,6 +120,10 @@ def recv_nowait(sock: zmq.Socket[bytes]) -> list[bytes]:
     return frames
 
 
+class _QueueFull(str):
+    """A send error that may clear by itself: the peer's queue is full."""
+
+
 @dataclasses.dataclass
 class _LocalMember:
     info: MemberInfo
@@ -159,8 +163,15 @@ class Master:
         heartbeat_interval: float,
         heartbeat_liveness: int,
         curve: Curve | None = None,
+        *,
+        max_members: int = 1024,
+        max_pending: int = 256,
     ) -> None:
         self.context = context
+        self.max_members = max_members
+        self.max_pending = max_pending
+        # Ids refused a seat, so the log says so once per member, not per beat.
+        self._refused: set[str] = set()
         self.curve = curve
         self.pool = pool
         self.host = host
@@ -177,6 +188,10 @@ class Master:
             target=self._run, name=f"pool-master-{pool}", daemon=True
         )
         self._members: dict[str, _LocalMember] = {}
+        # Members lost without a goodbye whose process still lives (stopped,
+        # swapped out), with when they were last heard. Each broadcast lists
+        # them as failed, so a result never omits a member that still exists.
+        self._silent: dict[str, _LocalMember] = {}
         self._peers: dict[str, _Peer] = {}
         self._dns_endpoints: dict[str, str] = {}
         self._dealers: dict[str, zmq.Socket[bytes]] = {}
@@ -320,6 +335,10 @@ class Master:
                 self._expire(now)
             self._flush()
             wait = max(0.0, min(next_beat - now, self.interval / 2))
+            if self._outbox:
+                # Events a full queue refused wait for their next try only
+                # briefly; the issuer is waiting for them.
+                wait = min(wait, 0.01)
             for sock, _ in poller.poll(int(wait * 1000) + 1):
                 # Drain what is queued, but bounded so heartbeats stay on time.
                 for _ in range(256):
@@ -354,6 +373,12 @@ class Master:
             error = self._send_local(member_id, [b"HB", beat])
             if error is not None:
                 self._member_lost(member_id, error)
+        if self._silent:
+            # Their member files say whether they still exist; a process
+            # that is gone no longer belongs in any result.
+            live = self.election.live_members()
+            for member_id in [m for m in self._silent if m not in live]:
+                del self._silent[member_id]
         header = self._peer_beat()
         for endpoint in list(self._dealers):
             self._send_dealer(endpoint, [b"HB", header])
@@ -365,6 +390,8 @@ class Master:
         member = self._members.pop(member_id, None)
         if member is None:
             return
+        if not clean:
+            self._silent[member_id] = member
         # A member that said goodbye is routine; one that went silent is not.
         log.log(
             logging.INFO if clean else logging.WARNING,
@@ -470,7 +497,7 @@ class Master:
         try:
             send_nowait(dealer, frames)
         except zmq.Again:
-            return f"send queue to {endpoint} is full"
+            return _QueueFull(f"send queue to {endpoint} is full")
         return None
 
     def _send_peer(self, host: str, frames: list[bytes]) -> str | None:
@@ -531,6 +558,11 @@ class Master:
         if peer is not None and epoch < peer.epoch:
             return  # an old master of that host, not yet dead: ignore it
         if peer is None or peer.endpoint != endpoint or epoch != peer.epoch:
+            if peer is not None and peer.alive:
+                # The old master is gone even though it never went silent for
+                # the liveness window: without this its open routes would
+                # wait for it until their deadline.
+                self._peer_lost(peer, f"replaced by epoch {epoch}")
             if peer is not None and peer.endpoint != endpoint:
                 old = self._dealers.pop(peer.endpoint, None)
                 if old is not None and peer.endpoint not in self._dns_endpoints:
@@ -589,7 +621,7 @@ class Master:
         try:
             send_nowait(self._local, [member_id.encode(), *frames])
         except zmq.Again:
-            return "send queue full"
+            return _QueueFull("send queue full")
         except zmq.ZMQError as exc:
             if exc.errno == zmq.EHOSTUNREACH:
                 return "not connected"
@@ -602,7 +634,11 @@ class Master:
         if kind == b"HB":
             info = MemberInfo.from_wire(decode(frames[2]))
             known = self._members.get(member_id)
+            if known is None and len(self._members) >= self.max_members:
+                self._refuse(member_id)
+                return
             if known is None:
+                self._silent.pop(member_id, None)
                 log.info(
                     "pool %r: member %s joined (pid %d)", self.pool, member_id, info.pid
                 )
@@ -611,6 +647,15 @@ class Master:
                 known.last_heard = now
             return
         member = self._members.get(member_id)
+        if member is None and kind == b"BCAST":
+            # Refused a seat, or dropped as lost: it waits for an answer.
+            bid = str(decode(frames[2])["bid"])
+            self._to_origin(
+                bid,
+                _Route(self.host, member_id, now),
+                {"ev": "rejected", "reason": f"{member_id} is no member here"},
+            )
+            return
         if member is None:
             log.debug("dropping %r from unknown member %s", kind, member_id)
             return
@@ -638,8 +683,25 @@ class Master:
                     bid, route, {"ev": "failed", "member": member_id, "reason": reason}
                 )
                 self._drop_if_settled(bid, route)
+        elif kind == b"DONE":
+            # The issuer has its result: later answers have nobody to go to.
+            route = self._routes.get(frames[2].decode())
+            if route is not None and route.issuer == member_id:
+                del self._routes[frames[2].decode()]
         elif kind == b"BYE":
             self._member_lost(member_id, "left the pool", clean=True)
+
+    def _refuse(self, member_id: str) -> None:
+        reason = (
+            f"pool {self.pool!r} on {self.host} is full: max_pool_members is "
+            f"{self.max_members}"
+        )
+        if member_id not in self._refused:
+            if len(self._refused) >= self.max_members:
+                self._refused.clear()
+            self._refused.add(member_id)
+            log.warning("refusing member %s: %s", member_id, reason)
+        self._send_local(member_id, [b"REFUSED", reason.encode()])
 
     def _broadcast(
         self, issuer: str, header: dict[str, Any], payload: bytes, now: float
@@ -649,6 +711,16 @@ class Master:
         timeout = float(header["timeout"])
         exclude = None if header.get("include_self", True) else issuer
         route = _Route(self.host, issuer, now + timeout + ROUTE_GRACE)
+        pending = sum(r.issuer is not None for r in self._routes.values())
+        if pending >= self.max_pending:
+            reason = (
+                f"{pending} broadcasts pending on the master of pool {self.pool!r} "
+                f"on {self.host}: max_pending_broadcasts is {self.max_pending}"
+            )
+            log.warning("rejecting broadcast %s of %s: %s", bid, issuer, reason)
+            # The route is not kept: only this one event goes back.
+            self._to_origin(bid, route, {"ev": "rejected", "reason": reason})
+            return
         self._routes[bid] = route
         fwd = encode(
             {
@@ -687,6 +759,7 @@ class Master:
         payload: bytes,
     ) -> None:
         targets = [m for m in self._members.values() if m.info.id != exclude]
+        silent = [m for m in self._silent.values() if m.info.id != exclude]
         route.pending_members = {m.info.id for m in targets}
         # The list goes out before the requests, so the origin knows every
         # member before any of their answers can arrive.
@@ -696,9 +769,18 @@ class Master:
             {
                 "ev": "expect",
                 "host": self.host,
-                "members": [m.info.to_wire() for m in targets],
+                "members": [m.info.to_wire() for m in targets + silent],
             },
         )
+        now = time.monotonic()
+        for member in silent:
+            reason = (
+                f"silent since {now - member.last_heard:.1f}s ago "
+                "(heartbeats stopped, process still alive)"
+            )
+            self._to_origin(
+                bid, route, {"ev": "failed", "member": member.info.id, "reason": reason}
+            )
         request = encode({"timeout": timeout})
         for member in targets:
             error = self._send_local(
@@ -720,23 +802,39 @@ class Master:
         self._outbox.setdefault(bid, (route, []))[1].extend((encode(event), payload))
 
     def _flush(self) -> None:
-        """Send every gathered event, one message per broadcast."""
+        """Send every gathered event, one message per broadcast.
+
+        A full queue is retried on the next turn, until the route expires;
+        only then, or when the receiver is gone, are the events dropped, and
+        never without a warning: the issuer is left to time those members out.
+        """
         outbox, self._outbox = self._outbox, {}
+        now = time.monotonic()
         for bid, (route, events) in outbox.items():
             frames = [b"EV", bid.encode(), *events]
             if route.issuer is not None:
                 error = self._send_local(route.issuer, frames)
-                if error is not None:
-                    log.debug(
-                        "issuer of %s is gone (%s); dropping its route", bid, error
-                    )
-                    self._routes.pop(bid, None)
+                receiver = f"issuer {route.issuer}"
             else:
                 error = self._send_peer(route.origin_host, frames)
-                if error is not None:
-                    log.debug(
-                        "cannot relay %s to %s: %s", bid, route.origin_host, error
-                    )
+                receiver = f"the master of {route.origin_host}"
+            if error is None:
+                continue
+            if isinstance(error, _QueueFull) and now < route.expires:
+                # Ahead of anything gathered since, to keep the order.
+                self._outbox.setdefault(bid, (route, []))[1][:0] = events
+            elif route.issuer is not None and not isinstance(error, _QueueFull):
+                # The issuer left: nobody waits for this broadcast any more.
+                log.info("issuer of %s is gone (%s); dropping its route", bid, error)
+                self._routes.pop(bid, None)
+            else:
+                log.warning(
+                    "dropping %d events of broadcast %s for %s: %s",
+                    len(events) // 2,
+                    bid,
+                    receiver,
+                    error,
+                )
 
     def _say_goodbye(self, local: zmq.Socket[bytes]) -> None:
         """On a clean exit, tell members and peers so they move on at once."""

@@ -40,6 +40,7 @@ Let ``i`` be ``heartbeat_interval`` and ``L = i * heartbeat_liveness``.
 from __future__ import annotations
 
 import argparse
+import collections
 import concurrent.futures
 import contextlib
 import dataclasses
@@ -59,7 +60,7 @@ import zmq
 
 from mesh.config import Settings
 from mesh.curve import Curve, ServerAuth
-from mesh.errors import ConfigError, MasterUnavailable, PoolError
+from mesh.errors import BroadcastRejected, ConfigError, MasterUnavailable, PoolError
 from mesh.pool.directory import DnsDirectory, FileDirectory, MasterDirectory
 from mesh.pool.election import (
     Election,
@@ -96,6 +97,41 @@ class _Call:
     done: concurrent.futures.Future[BroadcastResult] = dataclasses.field(
         default_factory=concurrent.futures.Future
     )
+
+
+class _Answers:
+    """Replies the master's queue could not take yet, retried in order.
+
+    Each waits at most until its ``deadline``: a member whose messages
+    cannot reach its master for the liveness window has been failed there
+    already, and the reply could no longer change the result.
+    """
+
+    def __init__(self) -> None:
+        self._queue: collections.deque[tuple[float, list[bytes]]] = collections.deque()
+
+    def __bool__(self) -> bool:
+        return bool(self._queue)
+
+    def add(self, frames: list[bytes], deadline: float) -> None:
+        self._queue.append((deadline, frames))
+
+    def clear(self) -> None:
+        self._queue.clear()
+
+    def flush(
+        self, send: Callable[[list[bytes]], bool], now: float
+    ) -> list[list[bytes]]:
+        """Send what the queue takes; returns the answers dropped as expired."""
+        expired = []
+        while self._queue:
+            deadline, frames = self._queue[0]
+            if deadline <= now:
+                expired.append(frames)
+            elif not send(frames):
+                break
+            self._queue.popleft()
+        return expired
 
 
 class PoolMember:
@@ -177,6 +213,11 @@ class PoolMember:
             target=self._work, name=f"pool-worker-{pool}", daemon=True
         )
         self._master: Master | None = None
+        # Why the master refused us a seat; None while we have one.
+        self._refused: str | None = None
+        self._outstanding = 0
+        # Ids of broadcasts settled here, for the master to forget.
+        self._finished: list[bytes] = []
         self._epoch = 0
         self._started = False
         self._closed = False
@@ -240,6 +281,10 @@ class PoolMember:
                     f"pool {self.pool!r} has no usable master on {self.host}: "
                     f"{self._problem}"
                 )
+        if self._refused is not None:
+            raise BroadcastRejected(
+                f"pool member {self.info.id!r} has no seat: {self._refused}"
+            )
         bid = f"{self.info.id}-{next(_ids)}-{secrets.token_hex(4)}"
         header = {
             "bid": bid,
@@ -250,6 +295,14 @@ class PoolMember:
         with self._wake_lock:
             if self._closed:
                 raise PoolError(f"pool member {self.info.id!r} closed")
+            limit = self.settings.max_pending_broadcasts
+            if self._outstanding >= limit:
+                raise BroadcastRejected(
+                    f"{self._outstanding} broadcasts pending on pool member "
+                    f"{self.info.id!r}: max_pending_broadcasts is {limit}"
+                )
+            self._outstanding += 1
+            call.done.add_done_callback(self._call_ended)
             self._calls.put(call)
             with contextlib.suppress(BlockingIOError):
                 os.write(self._wake_w, b"\0")
@@ -259,6 +312,10 @@ class PoolMember:
             raise PoolError(
                 f"pool member {self.info.id!r} did not settle broadcast {bid}"
             ) from None
+
+    def _call_ended(self, _: concurrent.futures.Future[BroadcastResult]) -> None:
+        with self._wake_lock:
+            self._outstanding -= 1
 
     def close(self, timeout: float = 5.0) -> None:
         """Leave the pool: stop the master role if held, then the threads."""
@@ -370,6 +427,7 @@ class PoolMember:
         watch = MasterWatch(self.liveness_timeout)
         dealer: zmq.Socket[bytes] | None = None
         working: set[str] = set()
+        answers = _Answers()
         voted_epoch = 0
         reported_epoch = 0
         next_tick = 0.0
@@ -394,6 +452,8 @@ class PoolMember:
                         poller.unregister(dealer)
                         dealer.close(linger=0)
                         dealer = None
+                    # The new master has no route for them.
+                    answers.clear()
                     self._master_ok.clear()
                     self._hung = False
                     if record is not None:
@@ -434,6 +494,15 @@ class PoolMember:
                     self._settle(calls, call)
                 else:
                     wake_at = min(wake_at, call.tracker.deadline)
+            if answers and dealer is not None:
+                self._send_answers(dealer, answers, now)
+            if self._finished:
+                if dealer is not None:
+                    for bid_raw in self._finished:
+                        self._send(dealer, [b"DONE", bid_raw])
+                self._finished.clear()
+            if answers:
+                wake_at = min(wake_at, now + 0.01)
             wait = max(0.0, wake_at - time.monotonic())
             ready = dict(poller.poll(int(wait * 1000) + 1))
             now = time.monotonic()
@@ -457,6 +526,13 @@ class PoolMember:
                         target = calls.get(frames[1].decode())
                         if target is not None:
                             self._on_event(calls, target, frames, now)
+                    elif kind == b"HB":
+                        self._refused = None
+                    elif kind == b"REFUSED":
+                        reason = frames[1].decode(errors="replace")
+                        if self._refused is None:
+                            log.warning("member %s refused: %s", self.info.id, reason)
+                        self._refused = reason
                     elif kind == b"RESIGN":
                         log.info("master of pool %r resigned", self.pool)
                         next_tick = now
@@ -469,7 +545,9 @@ class PoolMember:
                     working.discard(bid_raw.decode())
                     if dealer is not None:
                         kind = b"REPLY" if status == b"ok" else b"FAILED"
-                        self._send(dealer, [kind, bid_raw, body])
+                        answers.add([kind, bid_raw, body], now + self.liveness_timeout)
+                if answers and dealer is not None:
+                    self._send_answers(dealer, answers, now)
             if self._wake_r in ready:
                 with contextlib.suppress(BlockingIOError):
                     os.read(self._wake_r, 4096)
@@ -505,6 +583,8 @@ class PoolMember:
             self.interval,
             self.settings.heartbeat_liveness,
             self.curve,
+            max_members=self.settings.max_pool_members,
+            max_pending=self.settings.max_pending_broadcasts,
         )
         try:
             if self.curve is not None and self._auth is None:
@@ -582,7 +662,7 @@ class PoolMember:
         voters = election.votes(record.epoch)
         live = election.live_members()
         if kill_quorum(voters, live, record.member_id) and election.claim_kill(
-            record.epoch
+            record.epoch, time.monotonic(), self.liveness_timeout
         ):
             election.kill_master(record)
 
@@ -592,23 +672,42 @@ class PoolMember:
         try:
             # [EV, bid, (header, payload)...]: events arrive batched.
             for i in range(2, len(frames) - 1, 2):
-                _feed(call.tracker, decode(frames[i]), frames[i + 1], now)
+                event = decode(frames[i])
+                if event.get("ev") == "rejected":
+                    del calls[call.tracker.broadcast_id]
+                    call.done.set_exception(BroadcastRejected(str(event["reason"])))
+                    return
+                _feed(call.tracker, event, frames[i + 1], now)
         except (ValueError, KeyError, TypeError, IndexError) as exc:
             log.warning("dropping malformed pool event: %s", exc)
             return
         if call.tracker.done:
             self._settle(calls, call)
 
-    @staticmethod
-    def _settle(calls: dict[str, _Call], call: _Call) -> None:
-        # Later events for this id find no call and are dropped.
+    def _settle(self, calls: dict[str, _Call], call: _Call) -> None:
+        # Later events for this id find no call and are dropped; the master
+        # hears it too, so it stops relaying them and frees the slot.
         del calls[call.tracker.broadcast_id]
+        self._finished.append(call.tracker.broadcast_id.encode())
         call.done.set_result(call.tracker.result())
 
     def _master_lost(self, calls: dict[str, _Call], reason: str, now: float) -> None:
         for call in list(calls.values()):
             call.tracker.on_master_lost(call.tracker.broadcast_id, reason, now)
             self._settle(calls, call)
+
+    def _send_answers(
+        self, dealer: zmq.Socket[bytes], answers: _Answers, now: float
+    ) -> None:
+        for frames in answers.flush(lambda f: self._send(dealer, f), now):
+            log.warning(
+                "member %s: answer to broadcast %s dropped: the master of pool "
+                "%r took no message for %.1fs",
+                self.info.id,
+                frames[1].decode(errors="replace"),
+                self.pool,
+                self.liveness_timeout,
+            )
 
     def _send(self, dealer: zmq.Socket[bytes], frames: list[bytes]) -> bool:
         try:

@@ -5,7 +5,10 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
+
+import pytest
 
 from mesh.pool.election import (
     Election,
@@ -89,12 +92,51 @@ def test_members_votes_and_single_killer(tmp_path: Path) -> None:
     a.vote(3)
     b.vote(3)
     assert a.votes(3) == {"a", "b"}
-    assert a.claim_kill(3)
-    assert not b.claim_kill(3)
+    assert a.claim_kill(3, now=100.0, stale_after=1.0)
+    assert not b.claim_kill(3, now=100.5, stale_after=1.0)
+    # The claim is no vote.
+    assert a.votes(3) == {"a", "b"}
     a.prune_votes(4)
     assert a.votes(3) == set()
     b.leave()
     assert a.live_members() == {"a"}
+
+
+def test_claim_of_a_dead_claimant_is_taken_over(tmp_path: Path) -> None:
+    # The claimant exits right after claiming, as if it died before killing.
+    code = (
+        "import sys, time; from pathlib import Path; "
+        "from mesh.pool.election import Election; "
+        "sys.exit(0 if Election(Path(sys.argv[1]), 'p', 'x')"
+        ".claim_kill(3, time.monotonic(), 60.0) else 1)"
+    )
+    subprocess.run([sys.executable, "-c", code, str(tmp_path)], check=True)
+    b, c = Election(tmp_path, "p", "b"), Election(tmp_path, "p", "c")
+    now = time.monotonic()
+    assert b.claim_kill(3, now, stale_after=60.0)
+    # b is alive and its claim fresh: nobody else may kill now.
+    assert not c.claim_kill(3, now + 1.0, stale_after=60.0)
+
+
+def test_stalled_claim_is_taken_over_after_the_window(tmp_path: Path) -> None:
+    a, b = Election(tmp_path, "p", "a"), Election(tmp_path, "p", "b")
+    assert a.claim_kill(3, now=100.0, stale_after=1.0)
+    assert not b.claim_kill(3, now=100.9, stale_after=1.0)
+    assert b.claim_kill(3, now=101.5, stale_after=1.0)
+    assert not a.claim_kill(3, now=101.6, stale_after=1.0)
+
+
+def test_kill_master_survives_a_refused_kill(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def refuse(pid: int, sig: int) -> None:
+        raise PermissionError(1, "Operation not permitted")
+
+    start = process_start_time(os.getpid())
+    assert start is not None
+    me = MasterRecord("h", "e", "e", os.getpid(), start, 1, "m")
+    monkeypatch.setattr(os, "kill", refuse)
+    assert not Election(tmp_path, "p", "a").kill_master(me)
 
 
 def test_kill_master_refuses_a_reused_pid(tmp_path: Path) -> None:
