@@ -204,6 +204,19 @@ class Zone:
         rrset = self.nodes.setdefault(record.name, {}).setdefault(record.rdtype, [])
         for i, old in enumerate(rrset):
             if old.rdata == record.rdata:
+                if (
+                    old.deadline is not None
+                    and record.deadline is not None
+                    and old.deadline > record.deadline
+                ):
+                    # Two servers on one host share its A/AAAA record. If the
+                    # one with the shorter lease could pull the deadline in,
+                    # its death would take the address away while the other
+                    # server's SRV still points at it; so a renewal only ever
+                    # extends the lease a record already holds.
+                    record.deadline = old.deadline
+                    record.expires_at = old.expires_at
+                    record.lease = old.lease
                 rrset[i] = record
                 break
         else:
@@ -347,6 +360,7 @@ class Zone:
     ) -> None:
         """Add or renew one dynamic record.
 
+        A renewal keeps the later of the old and the new deadline.
         ``lease`` is the granted lease length; without it a journal reload
         can bound the record only by the responder's maximum lease.
         """
