@@ -1,5 +1,6 @@
-"""The resolver re-asks after DNS-unavailable outcomes, with backoff, within
-its lifetime (C10, C14). Real UDP to a scripted nameserver on loopback."""
+"""Transient DNS failures are retried: the resolver re-asks with backoff
+within its lifetime (C10, C14), the registrar re-sends an UPDATE. Real UDP to
+a scripted nameserver on loopback."""
 
 from __future__ import annotations
 
@@ -7,9 +8,13 @@ import asyncio
 import time
 
 import dns.message
+import dns.opcode
 import dns.rcode
+import dns.tsig
+import dns.update
 import pytest
 
+from mesh.discovery.register import Registrar
 from mesh.discovery.resolve import AsyncResolver, Resolver
 from mesh.errors import DiscoveryServerFailure
 
@@ -69,3 +74,28 @@ def test_persistent_servfail_backs_off_and_fails_within_lifetime() -> None:
     # hundreds of queries in two seconds; doubling waits capped at 1 s give
     # at most about a dozen.
     assert 2 <= asked <= 15
+
+
+def test_registrar_retries_a_transient_servfail_then_succeeds() -> None:
+    # A real signed UPDATE over UDP: the first answer is SERVFAIL (a
+    # transient failure), the second a signed NOERROR; the registrar must
+    # send exactly twice and report success.
+    key = dns.tsig.Key("srvmesh-key.", b"k" * 32, dns.tsig.HMAC_SHA256)
+
+    def accept(request: dns.message.Message) -> dns.message.Message:
+        assert isinstance(request, dns.update.UpdateMessage)
+        assert request.had_tsig
+        return dns.message.make_response(request)
+
+    handler, seen = servfail_then(accept, failures=1)
+    with LoopbackNameserver(handler, keyring={key.name: key}) as nameserver:
+        registrar = Registrar(
+            [nameserver.address], "mesh.internal.", key, timeout=1, budget=5
+        )
+        registration = registrar.register(
+            "_svc._tcp", "host-a", 5000, ["127.0.0.2"], renew=False
+        )
+        sent = len(nameserver.requests)
+    assert seen[0] == 2 and sent == 2
+    assert all(r.opcode() == dns.opcode.UPDATE for r in nameserver.requests)
+    assert registration.record.port == 5000

@@ -12,6 +12,11 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
+import dns.message
+import dns.name
+import dns.query
+import dns.rdataclass
+import dns.rdatatype
 import dns.resolver
 import pytest
 
@@ -24,6 +29,7 @@ from mesh.errors import (
     RegistrationRejected,
     ServiceNotFound,
 )
+from mesh.hit.server import HitServer
 
 SVC = "_svc._tcp.mesh.internal."
 
@@ -306,3 +312,52 @@ def test_secret_never_logged(
     secret = base64.b64encode(responder.key.secret).decode()
     assert secret not in caplog.text
     assert secret not in repr(registrar)
+
+
+class _Nothing:
+    """A handler with no methods: the test only needs the server to exist."""
+
+    def __init__(self, metadata: dict[str, Any]) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def test_registration_advertises_the_given_address_not_the_bound_one(
+    responder: Any, registrar: Registrar
+) -> None:
+    # Behind NAT or in a container the address clients must use differs from
+    # the one the server binds; the SRV glue must carry the advertised one.
+    server = HitServer(
+        _Nothing,
+        bind="127.0.0.1",
+        registrar=registrar,
+        srv_name="_svc._tcp",
+        target="host-a",
+        advertise=["127.0.0.9"],
+    ).start()
+    try:
+        assert server.endpoint.startswith("tcp://127.0.0.1:")
+        # start() returns once bound; the registration follows on the
+        # server's thread, so wait for it to show.
+        deadline = time.monotonic() + 5
+        while True:
+            query = dns.message.make_query(SVC, "SRV")
+            reply = dns.query.udp(query, "127.0.0.1", timeout=2, port=responder.port)
+            if reply.answer or time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
+        (srv,) = reply.answer
+        assert [rd.port for rd in srv] == [server.port]
+        glue = reply.find_rrset(
+            reply.additional,
+            dns.name.from_text("host-a.mesh.internal."),
+            dns.rdataclass.IN,
+            dns.rdatatype.A,
+        )
+        assert [rd.address for rd in glue] == ["127.0.0.9"]
+        (target,) = Resolver([responder.address]).resolve(SVC)
+        assert target.endpoint == f"tcp://127.0.0.9:{server.port}"
+    finally:
+        server.close()
