@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import base64
+import shutil
 import signal
 import struct
+import subprocess
 import time
 from collections.abc import Callable
 
@@ -96,3 +99,52 @@ def test_generates_a_private_key_when_none_exists(tmp_path) -> None:  # type: ig
     secret = key_file.read_text().split('secret "')[1].split('"')[0]
     assert str(key_file) in err
     assert secret not in err
+
+
+def dig_axfr(proc: DnsProcess, *args: str) -> str:
+    cmd = ["dig", "@127.0.0.1", "-p", str(proc.port), "+time=3", "+tries=1"]
+    cmd += [*args, "mesh.internal.", "AXFR"]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=30).stdout
+
+
+needs_dig = pytest.mark.skipif(shutil.which("dig") is None, reason="dig missing")
+
+
+@needs_dig
+def test_unsigned_axfr_from_loopback_allowed_by_default(
+    dns_process: Callable[..., DnsProcess],
+) -> None:
+    proc = dns_process()
+    register(proc, "host-a", "A", "127.0.0.5", lease=600)
+    out = dig_axfr(proc)
+    assert "host-a.mesh.internal." in out and "127.0.0.5" in out
+    assert "Transfer failed" not in out
+
+
+@needs_dig
+@pytest.mark.parametrize(
+    ("extra", "env"),
+    [
+        ((), {"MESH_AXFR_LOOPBACK": "false"}),
+        (("--no-axfr-loopback",), {}),
+    ],
+    ids=["env", "flag"],
+)
+def test_axfr_must_be_signed_when_loopback_is_off(
+    dns_process: Callable[..., DnsProcess],
+    extra: tuple[str, ...],
+    env: dict[str, str],
+) -> None:
+    proc = dns_process(0, *extra, env=env)
+    register(proc, "host-a", "A", "127.0.0.5", lease=600)
+    unsigned = dig_axfr(proc)
+    assert "Transfer failed" in unsigned
+    assert "127.0.0.5" not in unsigned
+    # dig reads the key file as named does; the reply is signed with it too.
+    signed = dig_axfr(proc, "-k", str(proc.key_file))
+    assert "host-a.mesh.internal." in signed and "127.0.0.5" in signed
+    assert "Transfer failed" not in signed
+    key = load_key(proc.key_file)
+    wrong = base64.b64encode(b"w" * 32).decode()
+    forged = dig_axfr(proc, "-y", f"hmac-sha256:{key.name}:{wrong}")
+    assert "127.0.0.5" not in forged
