@@ -361,3 +361,64 @@ def test_registration_advertises_the_given_address_not_the_bound_one(
         assert target.endpoint == f"tcp://127.0.0.9:{server.port}"
     finally:
         server.close()
+
+
+@pytest.mark.slow
+def test_secret_never_logged_by_mesh_dns_at_debug(tmp_path: Any) -> None:
+    # `mesh dns` with no key file generates one; at DEBUG it must log where
+    # the key went, never what it is, here and while it serves signed and
+    # badly signed updates and transfers.
+    import base64
+    import os
+    import signal
+    import sys
+
+    import dns.tsig
+    import dns.update
+    import dns.xfr
+    import dns.zone
+
+    from mesh.keyfile import load_key
+    from mesh.responder.testing import read_line
+
+    state = tmp_path / "state"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MESH_")}
+    env.update(PYTHONUNBUFFERED="1", MESH_LOG_LEVEL="DEBUG")
+    cmd = [sys.executable, "-m", "mesh", "dns", "--listen", "127.0.0.1:0"]
+    cmd += ["--state-dir", str(state), "--min-lease", "1"]
+    stderr_path = tmp_path / "stderr"
+    with open(stderr_path, "w") as stderr:
+        proc = subprocess.Popen(
+            cmd, stdout=subprocess.PIPE, stderr=stderr, text=True, env=env
+        )
+    try:
+        line = read_line(proc, 20)
+        assert line.startswith("listening "), line
+        port = int(line.split()[1].rsplit(":", 1)[1])
+        key_file = state / "tsig.key"
+        key = load_key(key_file)
+        assert key_file.stat().st_mode & 0o777 == 0o600
+        for signer in (key, dns.tsig.Key(key.name, b"w" * 32, key.algorithm)):
+            update = dns.update.UpdateMessage("mesh.internal.", keyring=signer)
+            update.add("host-a", 5, "A", "127.0.0.5")
+            try:
+                dns.query.tcp(update, "127.0.0.1", port=port, timeout=5)
+            except dns.tsig.PeerBadSignature:
+                assert signer is not key
+        zone = dns.zone.Zone("mesh.internal.")
+        query, _ = dns.xfr.make_query(zone, keyring=key)
+        dns.query.inbound_xfr("127.0.0.1", zone, query, port=port, timeout=5)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(10)
+        assert proc.stdout is not None
+        proc.stdout.close()
+    logged = stderr_path.read_text()
+    assert str(key_file) in logged
+    assert "DEBUG" in logged  # the level this test is about was really on
+    for form in (
+        base64.b64encode(key.secret).decode(),
+        key.secret.hex(),
+        repr(key.secret),
+    ):
+        assert form not in logged
