@@ -100,6 +100,14 @@ class Settings:
     runtime_dir: Path = dataclasses.field(default_factory=default_runtime_dir)
     config: Path | None = None
 
+    # The bundled responder (mesh dns). Unsigned AXFR (what mesh ls and
+    # mesh status use) is allowed from loopback unless axfr_loopback is off;
+    # from anywhere else, or with it off, a transfer must be TSIG-signed.
+    axfr_loopback: bool = True
+    # TCP clients held at once (the longest-idle one is closed to admit a new
+    # one) and seconds a TCP client may stay silent before it is closed (C16).
+    dns_max_tcp: int = 128
+    dns_tcp_idle: float = 3.0
     # DNS registration and resolution
     lease: float = 30.0
     srv_ttl: int = 5
@@ -137,6 +145,15 @@ class Settings:
         for ns in self.nameservers:
             parse_hostport(ns)
         parse_hostport(self.dns_listen)
+        if self.dns_max_tcp < 1:
+            raise ConfigError(
+                f"dns_max_tcp={self.dns_max_tcp}: at least one TCP client "
+                "must be allowed."
+            )
+        if not self.dns_tcp_idle > 0:
+            raise ConfigError(
+                f"dns_tcp_idle={self.dns_tcp_idle}: give a positive number of seconds."
+            )
 
     @property
     def resolved_key_file(self) -> Path:

@@ -42,8 +42,10 @@ def dns_process(tmp_path):  # type: ignore[no-untyped-def]
 
     started: list[DnsProcess] = []
 
-    def start(port: int = 0, *extra: str) -> DnsProcess:
-        proc = DnsProcess(tmp_path, port, *extra).start()
+    def start(
+        port: int = 0, *extra: str, env: dict[str, str] | None = None
+    ) -> DnsProcess:
+        proc = DnsProcess(tmp_path, port, *extra, env=env).start()
         started.append(proc)
         return proc
 

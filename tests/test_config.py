@@ -48,3 +48,30 @@ def test_parse_hostport(text: str, expected: tuple[str, int]) -> None:
 def test_format_hostport_brackets_ipv6() -> None:
     assert format_hostport("::1", 5) == "[::1]:5"
     assert format_hostport("127.0.0.1", 5) == "127.0.0.1:5"
+
+
+def test_responder_settings_defaults_and_environment() -> None:
+    s = Settings.load(env={})
+    assert (s.axfr_loopback, s.dns_max_tcp, s.dns_tcp_idle) == (True, 128, 3.0)
+    env = {
+        "MESH_AXFR_LOOPBACK": "false",
+        "MESH_DNS_MAX_TCP": "4",
+        "MESH_DNS_TCP_IDLE": "0.5",
+    }
+    s = Settings.load(env=env)
+    assert (s.axfr_loopback, s.dns_max_tcp, s.dns_tcp_idle) == (False, 4, 0.5)
+    # A flag (an override) beats the environment.
+    assert Settings.load(env=env, axfr_loopback=True).axfr_loopback is True
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "match"),
+    [
+        ("MESH_AXFR_LOOPBACK", "perhaps", "axfr_loopback"),
+        ("MESH_DNS_MAX_TCP", "0", "dns_max_tcp"),
+        ("MESH_DNS_TCP_IDLE", "-1", "dns_tcp_idle"),
+    ],
+)
+def test_bad_responder_settings_are_named(name: str, value: str, match: str) -> None:
+    with pytest.raises(ConfigError, match=match):
+        Settings.load(env={name: value})

@@ -127,25 +127,32 @@ def _register(args: argparse.Namespace) -> int:
     addresses = [a.strip() for text in args.address for a in text.split(",") if a]
     registrar = _registrar(settings)
     srv = _srv_name(args.service, settings.zone)
-    registration = registrar.register(
-        srv,
-        args.target,
-        args.port,
-        addresses,
-        priority=args.priority,
-        weight=args.weight,
-        ttl=settings.srv_ttl,
-        renew=args.keep,
-    )
-    print(f"registered {registration.record.describe()} lease {registration.lease:g} s")
-    if not args.keep:
-        return 0
     stopped = threading.Event()
 
     def on_signal(signum: int, frame: FrameType | None) -> None:
         stopped.set()
 
-    previous = signal.signal(signal.SIGTERM, on_signal)
+    # Before the UPDATE goes out: a SIGTERM that arrives once the records
+    # are visible must delete them, not kill us with the default action.
+    previous = signal.signal(signal.SIGTERM, on_signal) if args.keep else None
+    try:
+        registration = registrar.register(
+            srv,
+            args.target,
+            args.port,
+            addresses,
+            priority=args.priority,
+            weight=args.weight,
+            ttl=settings.srv_ttl,
+            renew=args.keep,
+        )
+    except BaseException:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+        raise
+    print(f"registered {registration.record.describe()} lease {registration.lease:g} s")
+    if not args.keep:
+        return 0
     try:
         # A timed wait, so Ctrl-C is seen promptly on every platform.
         while not stopped.wait(0.5):

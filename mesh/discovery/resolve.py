@@ -17,6 +17,10 @@ Rules this module keeps, with the failure modes they answer:
 - Names are absolute before the first query, so no search domain is tried.
 - NXDOMAIN, NODATA, "not offered", SERVFAIL and silence are distinct errors
   (C10); a NODATA reply is final and is not retried on the next nameserver.
+  When no nameserver gave a usable answer and time is left, the question is
+  asked again after an exponential, jittered backoff (tenacity), never past
+  the resolution's deadline, so a briefly failing responder does not fail
+  the resolution and a dead one still fails within the lifetime (C10, C14).
 - A cached answer is never served past its TTL (C20), except as serve-stale:
   when no nameserver answers, the last good answer is used for
   ``stale_grace`` seconds with a warning (RFC 8767 in spirit). After a failed
@@ -52,6 +56,7 @@ import dns.rdataset
 import dns.rdatatype
 import dns.rdtypes.IN.SRV
 import dns.rrset
+import tenacity
 
 from mesh.config import format_hostport, parse_hostport
 from mesh.discovery.names import absolute_name
@@ -90,6 +95,13 @@ PARTIAL_ANSWER_TTL = 1.0
 # changed record would be, at the price of one caller per period waiting for
 # the resolver's lifetime.
 STALE_REFRESH = 5.0
+
+# Backoff between rounds of asking after every nameserver failed (C10): full
+# jitter, doubling from up to 0.1 s to at most 1 s. A responder that
+# SERVFAILs while it restarts is usually back within a second; the cap keeps
+# several more rounds inside the default 5 s lifetime.
+BACKOFF_MULTIPLIER = 0.1
+BACKOFF_MAX = 1.0
 
 # Big enough for a few dozen SRV targets with their addresses, small enough to
 # avoid IP fragmentation (the DNS flag day 2020 value).
@@ -596,6 +608,48 @@ class ResolverCore:
 # The two drivers
 
 
+def _backoff(
+    question: _Question, deadline: float, clock: Callable[[], float]
+) -> dict[str, typing.Any]:
+    """tenacity settings shared by both drivers for re-asking ``question``.
+
+    Only a :class:`_Failure` is retried. A round that ends in timeouts has
+    already used the time up to ``deadline``, so in practice the retries
+    follow fast failures: SERVFAIL, REFUSED, a refused port. Stopping before
+    a sleep that would reach ``deadline`` keeps the lifetime bound (C14);
+    the last failure is then returned as the reply.
+    """
+    qname, rdtype = question
+
+    def stop(state: tenacity.RetryCallState) -> bool:
+        return clock() + state.upcoming_sleep >= deadline
+
+    def before_sleep(state: tenacity.RetryCallState) -> None:
+        failure = state.outcome.result() if state.outcome else None
+        detail = (
+            "; ".join(f"{ns} {what}" for ns, what in failure.errors)
+            if isinstance(failure, _Failure)
+            else "no answer"
+        )
+        log.debug(
+            "%s %s: %s; asking again in %.2f s",
+            qname,
+            dns.rdatatype.to_text(rdtype),
+            detail,
+            state.upcoming_sleep,
+        )
+
+    return {
+        "retry": tenacity.retry_if_result(lambda reply: isinstance(reply, _Failure)),
+        "wait": tenacity.wait_random_exponential(
+            multiplier=BACKOFF_MULTIPLIER, max=BACKOFF_MAX
+        ),
+        "stop": stop,
+        "before_sleep": before_sleep,
+        "retry_error_callback": lambda state: state.outcome.result(),
+    }
+
+
 class Resolver:
     """Blocking SRV resolver with a TTL cache; share one between threads.
 
@@ -658,6 +712,13 @@ class Resolver:
         self.core.forget(self.core.qname(srv_name))
 
     def _ask(self, question: _Question, deadline: float) -> _Reply:
+        retrying = tenacity.Retrying(
+            sleep=time.sleep, **_backoff(question, deadline, self._clock)
+        )
+        reply: _Reply = retrying(self._ask_once, question, deadline)
+        return reply
+
+    def _ask_once(self, question: _Question, deadline: float) -> _Reply:
         qname, rdtype = question
         attempts = _Attempts(self.core.nameservers, self.timeout, deadline)
         while (step := attempts.next(self._clock())) is not None:
@@ -751,6 +812,13 @@ class AsyncResolver:
         self.core.forget(self.core.qname(srv_name))
 
     async def _ask(self, question: _Question, deadline: float) -> _Reply:
+        retrying = tenacity.AsyncRetrying(
+            sleep=asyncio.sleep, **_backoff(question, deadline, self._clock)
+        )
+        reply: _Reply = await retrying(self._ask_once, question, deadline)
+        return reply
+
+    async def _ask_once(self, question: _Question, deadline: float) -> _Reply:
         qname, rdtype = question
         attempts = _Attempts(self.core.nameservers, self.timeout, deadline)
         while (step := attempts.next(self._clock())) is not None:

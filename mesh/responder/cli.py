@@ -40,15 +40,35 @@ def add_commands(sub: argparse._SubParsersAction[Any]) -> None:
         "--max-lease", type=float, default=86400.0, help="longest lease granted"
     )
     parser.add_argument(
+        "--axfr-loopback",
+        dest="axfr_loopback",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="allow unsigned zone transfers from loopback; with "
+        "--no-axfr-loopback every transfer must be TSIG-signed "
+        "(MESH_AXFR_LOOPBACK, default on)",
+    )
+    # The older spelling of --no-axfr-loopback, kept for existing scripts.
+    parser.add_argument(
         "--no-loopback-axfr",
-        action="store_true",
-        help="refuse unsigned zone transfers from loopback",
+        dest="axfr_loopback",
+        action="store_const",
+        const=False,
+        help=argparse.SUPPRESS,
     )
     parser.add_argument(
+        "--max-tcp",
+        dest="dns_max_tcp",
+        type=int,
+        help="TCP clients held at once; the longest idle is closed to admit "
+        "another (MESH_DNS_MAX_TCP, 128)",
+    )
+    parser.add_argument(
+        "--tcp-idle",
         "--tcp-timeout",
+        dest="dns_tcp_idle",
         type=float,
-        default=3.0,
-        help="close TCP clients idle this long, seconds (3)",
+        help="close TCP clients idle this long, seconds (MESH_DNS_TCP_IDLE, 3)",
     )
     add_settings_arguments(parser)
     parser.set_defaults(func=run_dns)
@@ -71,6 +91,9 @@ def responder_from_settings(settings: Settings, **options: Any) -> Any:
         log.warning("no TSIG key configured: generated one in %s", key_file)
     keyring = load_keyring(key_file)
     options.setdefault("default_lease", settings.lease)
+    options.setdefault("allow_loopback_axfr", settings.axfr_loopback)
+    options.setdefault("max_tcp_connections", settings.dns_max_tcp)
+    options.setdefault("tcp_timeout", settings.dns_tcp_idle)
     return Responder(
         zone=settings.zone,
         listen=settings.dns_listen,
@@ -84,15 +107,18 @@ def run_dns(args: argparse.Namespace) -> int:
     from mesh.cli import settings_from_args
 
     settings = settings_from_args(
-        args, dns_listen=args.listen, lease=args.default_lease
+        args,
+        dns_listen=args.listen,
+        lease=args.default_lease,
+        axfr_loopback=args.axfr_loopback,
+        dns_max_tcp=args.dns_max_tcp,
+        dns_tcp_idle=args.dns_tcp_idle,
     )
     responder = responder_from_settings(
         settings,
         zone_file=args.zone_file,
         min_lease=args.min_lease,
         max_lease=args.max_lease,
-        allow_loopback_axfr=not args.no_loopback_axfr,
-        tcp_timeout=args.tcp_timeout,
     )
     stop = threading.Event()
 

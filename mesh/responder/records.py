@@ -72,7 +72,9 @@ class Record:
 
     ``deadline`` is the lease end on the monotonic clock, ``None`` for static
     records, which never expire. ``expires_at`` is the same instant on the
-    wall clock, kept only for the journal.
+    wall clock, kept only for the journal. ``lease`` is the length of the
+    lease that set the deadline, kept so a restart can bound the remaining
+    time by it (see :class:`Journal`).
     """
 
     name: dns.name.Name
@@ -80,6 +82,7 @@ class Record:
     rdata: dns.rdata.Rdata
     deadline: float | None = None
     expires_at: float | None = None
+    lease: float | None = None
 
     @property
     def rdtype(self) -> int:
@@ -201,6 +204,19 @@ class Zone:
         rrset = self.nodes.setdefault(record.name, {}).setdefault(record.rdtype, [])
         for i, old in enumerate(rrset):
             if old.rdata == record.rdata:
+                if (
+                    old.deadline is not None
+                    and record.deadline is not None
+                    and old.deadline > record.deadline
+                ):
+                    # Two servers on one host share its A/AAAA record. If the
+                    # one with the shorter lease could pull the deadline in,
+                    # its death would take the address away while the other
+                    # server's SRV still points at it; so a renewal only ever
+                    # extends the lease a record already holds.
+                    record.deadline = old.deadline
+                    record.expires_at = old.expires_at
+                    record.lease = old.lease
                 rrset[i] = record
                 break
         else:
@@ -340,8 +356,14 @@ class Zone:
         rdata: dns.rdata.Rdata,
         deadline: float,
         expires_at: float,
+        lease: float | None = None,
     ) -> None:
-        """Add or renew one dynamic record."""
+        """Add or renew one dynamic record.
+
+        A renewal keeps the later of the old and the new deadline.
+        ``lease`` is the granted lease length; without it a journal reload
+        can bound the record only by the responder's maximum lease.
+        """
         for old in self.nodes.get(name, {}).get(int(rdata.rdtype), ()):
             if old.rdata == rdata and old.static:
                 # Re-adding a static record only refreshes its TTL; it must
@@ -349,7 +371,7 @@ class Zone:
                 old.ttl = ttl
                 self._changed()
                 return
-        self._put(Record(name, ttl, rdata, deadline, expires_at))
+        self._put(Record(name, ttl, rdata, deadline, expires_at, lease))
         self._changed()
 
     def delete(
@@ -434,8 +456,11 @@ class Journal:
     processes share; it is read once on save (already done, as expires_at)
     and once on load, where the remaining time is turned back into a
     monotonic deadline. A wall-clock step while the responder is down can
-    only shift expiry, and the remaining time is capped at ``max_lease`` so a
-    backward step cannot make a record immortal.
+    only shift expiry. Each entry also stores the lease that was granted, and
+    the remaining time is capped at that lease (and at ``max_lease``), so a
+    backward step cannot stretch a record past the lease it was given.
+    Journals written before the lease was stored are capped at ``max_lease``
+    only.
     """
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
@@ -450,6 +475,7 @@ class Journal:
                 "type": dns.rdatatype.to_text(r.rdata.rdtype),
                 "rdata": r.rdata.to_text(),
                 "expires_at": r.expires_at,
+                "lease": r.lease,
             }
             for r in zone.dynamic_records()
         ]
@@ -510,7 +536,9 @@ class Journal:
                 return 0
             restored = 0
             for entry in doc["records"]:
-                remaining = min(float(entry["expires_at"]) - wall_now, max_lease)
+                granted = entry.get("lease")
+                cap = max_lease if granted is None else min(float(granted), max_lease)
+                remaining = min(float(entry["expires_at"]) - wall_now, cap)
                 if remaining <= 0:
                     continue
                 name = dns.name.from_text(entry["name"])
@@ -521,6 +549,7 @@ class Journal:
                     rdata,
                     now + remaining,
                     wall_now + remaining,
+                    None if granted is None else float(granted),
                 )
                 restored += 1
             serial = int(doc.get("serial", 0))

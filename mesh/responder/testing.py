@@ -12,6 +12,7 @@ import select
 import signal
 import subprocess
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 
 import dns.name
@@ -95,12 +96,22 @@ class DnsProcess:
     so a restarted process serves what the killed one acknowledged.
     """
 
-    def __init__(self, tmp: Path, port: int = 0, *extra: str) -> None:
+    def __init__(
+        self,
+        tmp: Path,
+        port: int = 0,
+        *extra: str,
+        env: Mapping[str, str] | None = None,
+    ) -> None:
         self.tmp = tmp
         self.key_file = tmp / "tsig.key"
         self.state_dir = tmp / "state"
         self.requested_port = port
         self.extra = list(extra)
+        self.env = dict(env or {})
+        # Every instance in ``tmp`` appends its stderr here, so a test can
+        # read what the process logged (and check what it must never log).
+        self.stderr_path = tmp / "mesh-dns.stderr"
         self.proc: subprocess.Popen[str] | None = None
         self.address = ""
 
@@ -111,6 +122,7 @@ class DnsProcess:
     def start(self, timeout: float = 20.0) -> DnsProcess:
         env = dict(os.environ, PYTHONUNBUFFERED="1")
         env.pop("MESH_CONFIG", None)
+        env.update(self.env)
         cmd = [
             sys.executable,
             "-m",
@@ -128,13 +140,14 @@ class DnsProcess:
         ]
         if not self.key_file.exists():
             generate_key_file(self.key_file)
-        self.proc = subprocess.Popen(
-            cmd,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.DEVNULL,
-            text=True,
-            env=env,
-        )
+        with open(self.stderr_path, "a") as stderr:
+            self.proc = subprocess.Popen(
+                cmd,
+                stdout=subprocess.PIPE,
+                stderr=stderr,
+                text=True,
+                env=env,
+            )
         # The process prints one "listening host:port" line once bound.
         line = read_line(self.proc, timeout)
         if not line.startswith("listening "):

@@ -239,7 +239,9 @@ class UpdateProcessor:
                     # is ours to manage, so such adds are ignored.
                     continue
                 for rdata in rrset:
-                    zone.add(name, rrset.ttl, rdata, now + lease, wall_now + lease)
+                    zone.add(
+                        name, rrset.ttl, rdata, now + lease, wall_now + lease, lease
+                    )
                     added.append(f"{name} {rrset.ttl} {rdata.to_text()}")
                     changes += 1
             elif rrset.deleting == dns.rdataclass.ANY:

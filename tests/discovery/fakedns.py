@@ -1,9 +1,13 @@
-"""Fabricated DNS replies and a scripted resolver, for tests without sockets."""
+"""Fabricated DNS replies and a scripted resolver, for tests without sockets,
+and a scripted nameserver on loopback for the few tests that need real UDP."""
 
 from __future__ import annotations
 
 import dataclasses
+import socket
+import threading
 from collections.abc import Callable
+from types import TracebackType
 
 import dns.message
 import dns.name
@@ -11,6 +15,7 @@ import dns.rcode
 import dns.rdataclass
 import dns.rdatatype
 import dns.rrset
+import dns.tsig
 
 from mesh.discovery import resolve
 
@@ -86,3 +91,85 @@ def scripted_resolver(
 def failure(server_failure: bool = False) -> resolve._Failure:
     what = "answered SERVFAIL" if server_failure else "no answer in 2.00 s"
     return resolve._Failure([("127.0.0.1:5353", what)], server_failure)
+
+
+# Given the parsed request (a query or an UPDATE), returns the reply to send
+# or None to stay silent.
+Handler = Callable[[dns.message.Message], "dns.message.Message | None"]
+
+
+class LoopbackNameserver:
+    """A UDP nameserver on 127.0.0.1 that answers by ``handler``; a context manager.
+
+    ``requests`` lists every parsed request in arrival order, so a test can
+    count attempts. With a ``keyring``, signed requests are verified and
+    ``dns.message.make_response`` signs the replies to them, as a real
+    server would; without one, signatures are ignored.
+    """
+
+    def __init__(
+        self,
+        handler: Handler,
+        keyring: dict[dns.name.Name, dns.tsig.Key] | None = None,
+    ) -> None:
+        self.handler = handler
+        self.keyring = keyring
+        self.requests: list[dns.message.Message] = []
+        self._sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self._sock.bind(("127.0.0.1", 0))
+        # Bounds each receive, so the thread notices the stop event.
+        self._sock.settimeout(0.05)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+
+    @property
+    def address(self) -> str:
+        host, port = self._sock.getsockname()[:2]
+        return f"{host}:{port}"
+
+    def __enter__(self) -> LoopbackNameserver:
+        self._thread.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self._stop.set()
+        self._thread.join(2.0)
+        self._sock.close()
+
+    def _serve(self) -> None:
+        while not self._stop.is_set():
+            try:
+                data, peer = self._sock.recvfrom(65535)
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            keyring = self.keyring if self.keyring is not None else False
+            request = dns.message.from_wire(data, keyring=keyring)
+            self.requests.append(request)
+            response = self.handler(request)
+            if response is not None:
+                self._sock.sendto(response.to_wire(), peer)
+
+
+def servfail_then(handler: Handler, failures: int = 1) -> tuple[Handler, list[int]]:
+    """A handler answering SERVFAIL to the first ``failures`` requests.
+
+    Returns it with a one-item list counting every request seen.
+    """
+    seen = [0]
+
+    def handle(request: dns.message.Message) -> dns.message.Message | None:
+        seen[0] += 1
+        if seen[0] <= failures:
+            response = dns.message.make_response(request)
+            response.set_rcode(dns.rcode.SERVFAIL)
+            return response
+        return handler(request)
+
+    return handle, seen

@@ -12,17 +12,24 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
+import dns.message
+import dns.name
+import dns.query
+import dns.rdataclass
+import dns.rdatatype
 import dns.resolver
 import pytest
 
 from mesh.discovery.register import Registrar
 from mesh.discovery.resolve import AsyncResolver, Resolver
 from mesh.errors import (
+    ConfigError,
     DiscoveryTimeout,
     NameNotFound,
     RegistrationRejected,
     ServiceNotFound,
 )
+from mesh.hit.server import HitServer
 
 SVC = "_svc._tcp.mesh.internal."
 
@@ -205,7 +212,9 @@ def test_reregisters_after_responder_loses_everything(tmp_path: Any) -> None:
         try:
             second.start()
             break
-        except OSError:
+        except ConfigError:
+            # Responder.start reports a busy port as ConfigError; the old
+            # sockets may still be closing, so wait and try again.
             time.sleep(0.1)
     else:
         pytest.skip("responder cannot be restarted on its old port")
@@ -303,3 +312,113 @@ def test_secret_never_logged(
     secret = base64.b64encode(responder.key.secret).decode()
     assert secret not in caplog.text
     assert secret not in repr(registrar)
+
+
+class _Nothing:
+    """A handler with no methods: the test only needs the server to exist."""
+
+    def __init__(self, metadata: dict[str, Any]) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def test_registration_advertises_the_given_address_not_the_bound_one(
+    responder: Any, registrar: Registrar
+) -> None:
+    # Behind NAT or in a container the address clients must use differs from
+    # the one the server binds; the SRV glue must carry the advertised one.
+    server = HitServer(
+        _Nothing,
+        bind="127.0.0.1",
+        registrar=registrar,
+        srv_name="_svc._tcp",
+        target="host-a",
+        advertise=["127.0.0.9"],
+    ).start()
+    try:
+        assert server.endpoint.startswith("tcp://127.0.0.1:")
+        # start() returns once bound; the registration follows on the
+        # server's thread, so wait for it to show.
+        deadline = time.monotonic() + 5
+        while True:
+            query = dns.message.make_query(SVC, "SRV")
+            reply = dns.query.udp(query, "127.0.0.1", timeout=2, port=responder.port)
+            if reply.answer or time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
+        (srv,) = reply.answer
+        assert [rd.port for rd in srv] == [server.port]
+        glue = reply.find_rrset(
+            reply.additional,
+            dns.name.from_text("host-a.mesh.internal."),
+            dns.rdataclass.IN,
+            dns.rdatatype.A,
+        )
+        assert [rd.address for rd in glue] == ["127.0.0.9"]
+        (target,) = Resolver([responder.address]).resolve(SVC)
+        assert target.endpoint == f"tcp://127.0.0.9:{server.port}"
+    finally:
+        server.close()
+
+
+@pytest.mark.slow
+def test_secret_never_logged_by_mesh_dns_at_debug(tmp_path: Any) -> None:
+    # `mesh dns` with no key file generates one; at DEBUG it must log where
+    # the key went, never what it is, here and while it serves signed and
+    # badly signed updates and transfers.
+    import base64
+    import os
+    import signal
+    import sys
+
+    import dns.tsig
+    import dns.update
+    import dns.xfr
+    import dns.zone
+
+    from mesh.keyfile import load_key
+    from mesh.responder.testing import read_line
+
+    state = tmp_path / "state"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MESH_")}
+    env.update(PYTHONUNBUFFERED="1", MESH_LOG_LEVEL="DEBUG")
+    cmd = [sys.executable, "-m", "mesh", "dns", "--listen", "127.0.0.1:0"]
+    cmd += ["--state-dir", str(state), "--min-lease", "1"]
+    stderr_path = tmp_path / "stderr"
+    with open(stderr_path, "w") as stderr:
+        proc = subprocess.Popen(
+            cmd, stdout=subprocess.PIPE, stderr=stderr, text=True, env=env
+        )
+    try:
+        line = read_line(proc, 20)
+        assert line.startswith("listening "), line
+        port = int(line.split()[1].rsplit(":", 1)[1])
+        key_file = state / "tsig.key"
+        key = load_key(key_file)
+        assert key_file.stat().st_mode & 0o777 == 0o600
+        for signer in (key, dns.tsig.Key(key.name, b"w" * 32, key.algorithm)):
+            update = dns.update.UpdateMessage("mesh.internal.", keyring=signer)
+            update.add("host-a", 5, "A", "127.0.0.5")
+            try:
+                dns.query.tcp(update, "127.0.0.1", port=port, timeout=5)
+            except dns.tsig.PeerBadSignature:
+                assert signer is not key
+        zone = dns.zone.Zone("mesh.internal.")
+        query, _ = dns.xfr.make_query(zone, keyring=key)
+        dns.query.inbound_xfr("127.0.0.1", zone, query, port=port, timeout=5)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(10)
+        assert proc.stdout is not None
+        proc.stdout.close()
+    logged = stderr_path.read_text()
+    assert str(key_file) in logged
+    assert "DEBUG" in logged  # the level this test is about was really on
+    for form in (
+        base64.b64encode(key.secret).decode(),
+        key.secret.hex(),
+        repr(key.secret),
+    ):
+        assert form not in logged

@@ -176,3 +176,49 @@ def test_damaged_journal_is_a_clear_config_error(tmp_path: Path) -> None:
     path.write_text(json.dumps({"version": 1, "zone": ORIGIN, "records": [{}]}))
     with pytest.raises(ConfigError):
         Journal(path).load(Zone(ORIGIN), 0, 0, 60)
+
+
+def test_journal_caps_reloaded_lease_at_the_granted_lease(tmp_path: Path) -> None:
+    # A 30 s lease granted at wall 1000; the responder stops, the wall clock
+    # steps back an hour, and it restarts. Only max_lease (a day) would let
+    # the record live 3630 s; the granted lease keeps it to 30 s.
+    zone = Zone(ORIGIN)
+    zone.add(name("host-a"), 5, rdata("A", "127.0.0.5"), 30, 1030, lease=30)
+    journal = Journal(tmp_path / "journal.json")
+    journal.save(zone)
+    fresh = Zone(ORIGIN)
+    assert journal.load(fresh, now=0.0, wall_now=1000.0 - 3600, max_lease=86400) == 1
+    (record,) = fresh.rrset(name("host-a"), dns.rdatatype.A)
+    assert record.deadline == 30
+    assert record.lease == 30
+    # A second restart after another backward step still knows the lease.
+    journal.save(fresh)
+    assert len(fresh.expire(30)) == 1
+    again = Zone(ORIGIN)
+    journal.load(again, now=500.0, wall_now=1000.0 - 7200, max_lease=86400)
+    (record,) = again.rrset(name("host-a"), dns.rdatatype.A)
+    assert record.deadline == 530
+
+
+def test_journal_without_granted_leases_still_loads(tmp_path: Path) -> None:
+    # Journals written before the lease was stored load, capped at max_lease
+    # only: a backward step of an hour still stretches the record by an hour.
+    path = tmp_path / "journal.json"
+    entry = {
+        "name": "host-a.mesh.internal.",
+        "ttl": 5,
+        "type": "A",
+        "rdata": "127.0.0.5",
+        "expires_at": 1030.0,
+    }
+    doc = {"version": 1, "zone": ORIGIN, "serial": 7, "records": [entry]}
+    path.write_text(json.dumps(doc))
+    fresh = Zone(ORIGIN)
+    assert Journal(path).load(fresh, now=0.0, wall_now=1000.0, max_lease=86400) == 1
+    (record,) = fresh.rrset(name("host-a"), dns.rdatatype.A)
+    assert record.deadline == 30
+    assert record.lease is None
+    fresh = Zone(ORIGIN)
+    Journal(path).load(fresh, now=0.0, wall_now=1030.0 - 3600, max_lease=86400)
+    (record,) = fresh.rrset(name("host-a"), dns.rdatatype.A)
+    assert record.deadline == 3600

@@ -251,3 +251,38 @@ def test_garbage_gets_formerr_or_nothing(processor: UpdateProcessor) -> None:
     reply = processor.handle(b"\x12\x34\x28\x00" + b"\x00\x01" * 4 + b"\xff", 0, 0)
     assert reply is not None
     assert dns.message.from_wire(reply).rcode() == dns.rcode.FORMERR
+
+
+def leased_update(lease: int, port: int) -> dns.update.UpdateMessage:
+    update = new_update()
+    update.add("_web._tcp", 5, "SRV", f"0 5 {port} host-a")
+    update.add("host-a", 5, "A", "127.0.0.5")
+    option = dns.edns.GenericOption(
+        dns.edns.OptionType(LEASE_OPTION), struct.pack("!I", lease)
+    )
+    update.use_edns(0, options=[option])
+    return update
+
+
+def test_shorter_lease_renewal_cannot_shorten_a_shared_address(
+    processor: UpdateProcessor, zone: Zone
+) -> None:
+    # Two servers on host-a share its A record: one leases 300 s, the other
+    # 30 s and registers (renews the A) later, then dies without deleting.
+    assert send(processor, leased_update(300, 8080), now=0.0).rcode() == 0
+    assert send(processor, leased_update(30, 8081), now=10.0).rcode() == 0
+    host_a = dns.name.from_text("host-a", dns.name.from_text(ORIGIN))
+    (address,) = zone.rrset(host_a, dns.rdatatype.A)
+    assert address.deadline == 300.0 and address.lease == 300
+    # After the short lease ends, the long-lease SRV still has its address.
+    answer = zone.lookup(
+        dns.name.from_text("_web._tcp", dns.name.from_text(ORIGIN)),
+        dns.rdatatype.SRV,
+        now=100.0,
+    )
+    assert [r.rdata.port for r in answer.answer] == [8080]
+    assert [r.rdata.to_text() for r in answer.additional] == ["127.0.0.5"]
+    # A longer renewal still extends it.
+    assert send(processor, leased_update(600, 8081), now=200.0).rcode() == 0
+    (address,) = zone.rrset(host_a, dns.rdatatype.A)
+    assert address.deadline == 800.0
