@@ -719,8 +719,11 @@ class Master:
                     f"at most {self.max_peers}"
                 )
                 return False
-        if peer is not None and epoch < peer.epoch:
-            return True  # an old master of that host, not yet dead: ignore it
+        if peer is not None and peer.alive and epoch < peer.epoch:
+            # An old master of that host, not yet dead: ignore it. Once the
+            # newer one is lost it counts again, or one forged heartbeat with
+            # a huge epoch would cut that host off for good.
+            return True
         if peer is None or peer.endpoint != endpoint or epoch != peer.epoch:
             if peer is not None and peer.alive:
                 # The old master is gone even though it never went silent for
