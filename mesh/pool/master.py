@@ -50,8 +50,10 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import dataclasses
+import ipaddress
 import json
 import logging
+import math
 import os
 import threading
 import time
@@ -76,6 +78,25 @@ RESOLVE_INTERVAL = 2.0
 # Routes outlive their broadcast's deadline by this much so the last relays
 # still find their way; afterwards anything for that id is dropped.
 ROUTE_GRACE = 1.0
+# A broadcast's timeout comes from the wire, so it is clamped: a route lives
+# that long and holds one of the max_pending_broadcasts slots. An hour is far
+# beyond any gather a caller waits on, and short enough that a forged or
+# mistaken timeout frees its slot eventually.
+MAX_BROADCAST_TIMEOUT = 3600.0
+# Masters of other hosts one master keeps. Each costs a DEALER socket (a file
+# descriptor, out of the context's 1023 by default), so unauthenticated
+# heartbeats must not add them without end; far more hosts than one pool has.
+MAX_PEERS = 256
+# A lost peer is forgotten after this long unless DNS still lists it: until
+# then every broadcast reports its host unreachable, which is the truth for a
+# while after a crash but noise once the host is decommissioned.
+FORGET_PEER_AFTER = 5 * RESOLVE_INTERVAL
+# Every header the master parses is a few hundred bytes; a bigger one is not
+# from the pool and is refused before JSON spends time or memory on it.
+MAX_HEADER_SIZE = 64 * 1024
+# How often, at most, dropped wire messages are summarised at WARNING: a flood
+# of garbage must not turn into a flood of log lines.
+DROP_WARNING_INTERVAL = 10.0
 
 
 def encode(header: dict[str, Any]) -> bytes:
@@ -83,7 +104,12 @@ def encode(header: dict[str, Any]) -> bytes:
 
 
 def decode(frame: bytes) -> dict[str, Any]:
-    value = json.loads(frame)
+    try:
+        value = json.loads(frame)
+    except RecursionError:
+        # Deeply nested arrays exhaust the parser's stack; as bad as any
+        # other malformed header, and the caller handles ValueError.
+        raise ValueError(f"header {frame[:40]!r} is nested too deeply") from None
     if not isinstance(value, dict):
         raise ValueError(f"header {frame[:40]!r} is not a JSON object")
     return value
@@ -118,6 +144,69 @@ def recv_nowait(sock: zmq.Socket[bytes]) -> list[bytes]:
         frame = sock.recv(_NOBLOCK, copy=False)
         frames.append(frame.bytes)
     return frames
+
+
+# What parsing a message from the wire may raise; any of them drops that one
+# message and nothing else. OverflowError covers int() of an infinite float.
+_MALFORMED = (ValueError, KeyError, TypeError, IndexError, ArithmeticError)
+
+
+def _header(frames: list[bytes], index: int) -> dict[str, Any]:
+    if len(frames) <= index:
+        raise IndexError(f"{frames[1][:20]!r} message has no header frame")
+    frame = frames[index]
+    if len(frame) > MAX_HEADER_SIZE:
+        raise ValueError(f"header of {len(frame)} bytes is over {MAX_HEADER_SIZE}")
+    return decode(frame)
+
+
+def _need(frames: list[bytes], count: int) -> None:
+    # Check before acting, so a short message changes no state at all.
+    if len(frames) < count:
+        raise IndexError(f"{frames[1][:20]!r} message has {len(frames)} frames")
+
+
+def wire_timeout(value: object) -> float:
+    """A broadcast timeout from the wire, clamped to ``[0, MAX_BROADCAST_TIMEOUT]``."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"timeout {value!r} is not a number")
+    timeout = float(value)
+    if not math.isfinite(timeout):
+        # inf never expires and NaN compares false with every deadline.
+        raise ValueError(f"timeout {value!r} is not finite")
+    return min(max(timeout, 0.0), MAX_BROADCAST_TIMEOUT)
+
+
+def wire_epoch(value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"epoch {value!r} is not a non-negative integer")
+    return value
+
+
+def wire_host(value: object) -> str:
+    """A master's host from the wire: an IP address, as masters register them."""
+    if not isinstance(value, str) or len(value) > 64:
+        raise ValueError(f"host {str(value)[:80]!r} is not an IP address")
+    ipaddress.ip_address(value)
+    return value
+
+
+def wire_endpoint(host: str, value: object) -> str:
+    """A peer endpoint from the wire: ``tcp://<host>:<port>`` of the sender's host.
+
+    A master's peer endpoint is always on its own host address, so anything
+    else (another scheme, a name libzmq would resolve on its I/O thread, a
+    port out of range) is not from a master and would only make
+    ``connect`` raise or dial somewhere the sender chose.
+    """
+    if not isinstance(value, str) or not value.startswith("tcp://"):
+        raise ValueError(f"endpoint {str(value)[:80]!r} is not tcp://host:port")
+    _, sep, port = value[len("tcp://") :].rpartition(":")
+    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"endpoint {value[:80]!r} has no valid port")
+    if zmq_endpoint(host, int(port)) != value:
+        raise ValueError(f"endpoint {value[:80]!r} is not on host {host!r}")
+    return value
 
 
 class _QueueFull(str):
@@ -166,10 +255,15 @@ class Master:
         *,
         max_members: int = 1024,
         max_pending: int = 256,
+        max_peers: int = MAX_PEERS,
     ) -> None:
         self.context = context
         self.max_members = max_members
         self.max_pending = max_pending
+        self.max_peers = max_peers
+        # Wire messages dropped since the last WARNING that summarised them.
+        self._dropped = 0
+        self._drop_warned = -math.inf
         # Ids refused a seat, so the log says so once per member, not per beat.
         self._refused: set[str] = set()
         self.curve = curve
@@ -351,14 +445,29 @@ class Master:
                             self._on_local(frames, time.monotonic())
                         else:
                             self._on_peer(frames, time.monotonic())
-                    except (ValueError, KeyError, TypeError, IndexError) as exc:
-                        log.warning("dropping malformed pool message: %s", exc)
+                    except _MALFORMED as exc:
+                        self._drop(f"malformed pool message: {exc}")
         if registering is not None:
             try:
                 withdraw = registering.result(timeout=2.0)
             except Exception:
                 withdraw = None
         return withdraw
+
+    def _drop(self, reason: str) -> None:
+        """Log a dropped wire message: each at DEBUG, a summary now and then."""
+        log.debug("dropping %s", reason)
+        self._dropped += 1
+        now = time.monotonic()
+        if now - self._drop_warned >= DROP_WARNING_INTERVAL:
+            log.warning(
+                "pool %r: dropped %d messages from the wire (the last: %s)",
+                self.pool,
+                self._dropped,
+                reason,
+            )
+            self._dropped = 0
+            self._drop_warned = now
 
     # -- heartbeats and liveness ----------------------------------------------
 
@@ -382,9 +491,16 @@ class Master:
         header = self._peer_beat()
         for endpoint in list(self._dealers):
             self._send_dealer(endpoint, [b"HB", header])
-        for peer in self._peers.values():
+        for peer in list(self._peers.values()):
             if peer.alive and now - peer.last_heard > self.liveness_timeout:
                 self._peer_lost(peer, "its master stopped heartbeating")
+            elif (
+                not peer.alive
+                and now - peer.last_heard > FORGET_PEER_AFTER
+                and peer.host not in self._dns_endpoints.values()
+            ):
+                log.info("pool %r: forgetting the master of %s", self.pool, peer.host)
+                del self._peers[peer.host]
 
     def _member_lost(self, member_id: str, reason: str, clean: bool = False) -> None:
         member = self._members.pop(member_id, None)
@@ -478,12 +594,23 @@ class Master:
     def _ensure_dealer(self, endpoint: str) -> None:
         if endpoint in self._dealers:
             return
-        dealer = self.context.socket(zmq.DEALER)
-        dealer.setsockopt(zmq.LINGER, 0)
-        dealer.setsockopt(zmq.IPV6, 1)
-        if self.curve is not None:
-            self.curve.client(dealer)
-        dealer.connect(endpoint)
+        try:
+            dealer = self.context.socket(zmq.DEALER)
+        except zmq.ZMQError as exc:
+            # Out of sockets or descriptors: this peer goes unserved until
+            # one frees, the master and its other peers carry on.
+            log.warning("no socket for the master at %s: %s", endpoint, exc)
+            return
+        try:
+            dealer.setsockopt(zmq.LINGER, 0)
+            dealer.setsockopt(zmq.IPV6, 1)
+            if self.curve is not None:
+                self.curve.client(dealer)
+            dealer.connect(endpoint)
+        except zmq.ZMQError as exc:
+            dealer.close(linger=0)
+            log.warning("cannot connect to the master at %s: %s", endpoint, exc)
+            return
         self._dealers[endpoint] = dealer
         # Announce ourselves now rather than at the next beat: after a
         # takeover, the peers route to this master from its first heartbeat,
@@ -507,6 +634,7 @@ class Master:
         return self._send_dealer(peer.endpoint, frames)
 
     def _on_peer(self, frames: list[bytes], now: float) -> None:
+        _need(frames, 2)
         kind = frames[1]
         if kind == b"STATUS":
             self._answer_status(frames[0], now)
@@ -523,27 +651,18 @@ class Master:
             # The peer's events already name their broadcast and host.
             self._outbox.setdefault(bid, (origin, []))[1].extend(events)
             return
-        header = decode(frames[2])
-        host = str(header["host"])
+        if kind not in (b"HB", b"FWD", b"BYE"):
+            self._drop(f"unknown peer message {kind[:20]!r}")
+            return
+        header = _header(frames, 2)
+        host = wire_host(header["host"])
+        if host == self.host:
+            raise ValueError(f"{kind!r} from a peer claims this host, {host}")
         if kind == b"HB":
-            self._peer_heartbeat(
-                host, str(header["endpoint"]), int(header["epoch"]), now
-            )
+            endpoint = wire_endpoint(host, header["endpoint"])
+            self._peer_heartbeat(host, endpoint, wire_epoch(header["epoch"]), now)
         elif kind == b"FWD":
-            self._peer_heartbeat(
-                host, str(header["endpoint"]), int(header["epoch"]), now
-            )
-            bid = str(header["bid"])
-            route = _Route(
-                origin_host=host,
-                issuer=None,
-                expires=now + float(header["timeout"]) + ROUTE_GRACE,
-            )
-            self._routes[bid] = route
-            exclude = header.get("exclude")
-            self._deliver_local(
-                bid, route, exclude, float(header["timeout"]), frames[3]
-            )
+            self._forwarded(host, header, frames, now)
         elif kind == b"BYE":
             peer = self._peers.get(host)
             if (
@@ -553,10 +672,58 @@ class Master:
             ):
                 self._peer_lost(peer, "its master resigned", clean=True)
 
-    def _peer_heartbeat(self, host: str, endpoint: str, epoch: int, now: float) -> None:
+    def _forwarded(
+        self, host: str, header: dict[str, Any], frames: list[bytes], now: float
+    ) -> None:
+        """A peer's ``FWD``: deliver its broadcast to the members here."""
+        # Everything is checked before anything changes.
+        _need(frames, 4)
+        endpoint = wire_endpoint(host, header["endpoint"])
+        epoch = wire_epoch(header["epoch"])
+        bid = str(header["bid"])
+        timeout = wire_timeout(header["timeout"])
+        exclude = header.get("exclude")
+        if bid in self._routes or bid in self._outbox:
+            # Replacing the open route would hand its answers to the sender.
+            self._drop(f"FWD of {bid[:80]!r} from {host}: that id is in use")
+            return
+        if not self._peer_heartbeat(host, endpoint, epoch, now):
+            return
+        route = _Route(
+            origin_host=host, issuer=None, expires=now + timeout + ROUTE_GRACE
+        )
+        forwarded = sum(r.issuer is None for r in self._routes.values())
+        if forwarded >= self.max_pending:
+            reason = (
+                f"{forwarded} broadcasts of other hosts pending on the master of "
+                f"pool {self.pool!r} on {self.host}: max_pending_broadcasts is "
+                f"{self.max_pending}"
+            )
+            self._drop(f"FWD of {bid[:80]!r} from {host}: {reason}")
+            # Not kept: the origin hears at once that this host is out of
+            # reach for this broadcast, instead of waiting for its deadline.
+            self._to_origin(
+                bid, route, {"ev": "host_lost", "host": self.host, "reason": reason}
+            )
+            return
+        self._routes[bid] = route
+        self._deliver_local(bid, route, exclude, timeout, frames[3])
+
+    def _peer_heartbeat(self, host: str, endpoint: str, epoch: int, now: float) -> bool:
+        """Note that the master of ``host`` is alive; False when it has no room."""
         peer = self._peers.get(host)
-        if peer is not None and epoch < peer.epoch:
-            return  # an old master of that host, not yet dead: ignore it
+        if peer is None and len(self._peers) >= self.max_peers:
+            if not self._evict_lost_peer():
+                self._drop(
+                    f"heartbeat of {host}: {len(self._peers)} peers known, "
+                    f"at most {self.max_peers}"
+                )
+                return False
+        if peer is not None and peer.alive and epoch < peer.epoch:
+            # An old master of that host, not yet dead: ignore it. Once the
+            # newer one is lost it counts again, or one forged heartbeat with
+            # a huge epoch would cut that host off for good.
+            return True
         if peer is None or peer.endpoint != endpoint or epoch != peer.epoch:
             if peer is not None and peer.alive:
                 # The old master is gone even though it never went silent for
@@ -585,6 +752,18 @@ class Master:
             self._ensure_dealer(endpoint)
         peer.alive = True
         peer.last_heard = now
+        return True
+
+    def _evict_lost_peer(self) -> bool:
+        """Forget the longest-lost peer DNS no longer lists, to make room."""
+        listed = set(self._dns_endpoints.values())
+        lost = [p for p in self._peers.values() if not p.alive and p.host not in listed]
+        if not lost:
+            return False
+        oldest = min(lost, key=lambda p: p.last_heard)
+        log.info("pool %r: forgetting the master of %s", self.pool, oldest.host)
+        del self._peers[oldest.host]
+        return True
 
     def _answer_status(self, identity: bytes, now: float) -> None:
         assert self.record is not None
@@ -629,10 +808,15 @@ class Master:
         return None
 
     def _on_local(self, frames: list[bytes], now: float) -> None:
+        _need(frames, 2)
         member_id = frames[0].decode()
         kind = frames[1]
         if kind == b"HB":
-            info = MemberInfo.from_wire(decode(frames[2]))
+            info = MemberInfo.from_wire(_header(frames, 2))
+            if info.id != member_id:
+                # Requests go to info.id: a heartbeat naming another member
+                # would have this one's seat serve, and count, that one.
+                raise ValueError(f"heartbeat of {member_id!r} names {info.id!r}")
             known = self._members.get(member_id)
             if known is None and len(self._members) >= self.max_members:
                 self._refuse(member_id)
@@ -649,7 +833,11 @@ class Master:
         member = self._members.get(member_id)
         if member is None and kind == b"BCAST":
             # Refused a seat, or dropped as lost: it waits for an answer.
-            bid = str(decode(frames[2])["bid"])
+            bid = str(_header(frames, 2)["bid"])
+            if bid in self._routes or bid in self._outbox:
+                # The rejection would join that broadcast's events.
+                self._drop(f"BCAST of {bid[:80]!r} from {member_id}: id in use")
+                return
             self._to_origin(
                 bid,
                 _Route(self.host, member_id, now),
@@ -661,8 +849,10 @@ class Master:
             return
         member.last_heard = now
         if kind == b"BCAST":
-            self._broadcast(member_id, decode(frames[2]), frames[3], now)
+            _need(frames, 4)
+            self._broadcast(member_id, _header(frames, 2), frames[3], now)
         elif kind in (b"WORKING", b"REPLY", b"FAILED"):
+            _need(frames, 3 if kind == b"WORKING" else 4)
             bid = frames[2].decode()
             route = self._routes.get(bid)
             if route is None or member_id not in route.pending_members:
@@ -684,6 +874,7 @@ class Master:
                 )
                 self._drop_if_settled(bid, route)
         elif kind == b"DONE":
+            _need(frames, 3)
             # The issuer has its result: later answers have nobody to go to.
             route = self._routes.get(frames[2].decode())
             if route is not None and route.issuer == member_id:
@@ -708,8 +899,13 @@ class Master:
     ) -> None:
         assert self.record is not None
         bid = str(header["bid"])
-        timeout = float(header["timeout"])
+        timeout = wire_timeout(header["timeout"])
         exclude = None if header.get("include_self", True) else issuer
+        if bid in self._routes or bid in self._outbox:
+            # Ids carry a random part, so only a broken or forging member
+            # repeats one; its answer would land in the open broadcast.
+            self._drop(f"BCAST of {bid[:80]!r} from {issuer}: that id is in use")
+            return
         route = _Route(self.host, issuer, now + timeout + ROUTE_GRACE)
         pending = sum(r.issuer is not None for r in self._routes.values())
         if pending >= self.max_pending:
