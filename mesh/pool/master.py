@@ -256,8 +256,10 @@ class Master:
         max_members: int = 1024,
         max_pending: int = 256,
         max_peers: int = MAX_PEERS,
+        max_message_size: int = 2 * 1024**3,
     ) -> None:
         self.context = context
+        self.max_message_size = max_message_size
         self.max_members = max_members
         self.max_pending = max_pending
         self.max_peers = max_peers
@@ -331,6 +333,9 @@ class Master:
                 sock.setsockopt(zmq.LINGER, 0)
                 sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
                 sock.setsockopt(zmq.IPV6, 1)
+                # libzmq drops the connection of a peer whose frame is larger,
+                # before a byte of it is buffered: a flood costs no memory.
+                sock.setsockopt(zmq.MAXMSGSIZE, self.max_message_size + 64 * 1024)
                 if self.curve is not None:
                     self.curve.server(sock)
             warn_if_exposed(self.host, self.curve, f"master of pool {self.pool!r}")

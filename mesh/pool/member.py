@@ -585,6 +585,7 @@ class PoolMember:
             self.curve,
             max_members=self.settings.max_pool_members,
             max_pending=self.settings.max_pending_broadcasts,
+            max_message_size=self.settings.max_message_size,
         )
         try:
             if self.curve is not None and self._auth is None:

@@ -123,3 +123,39 @@ def wait_for(predicate: Callable[[], bool], timeout: float = 5.0) -> None:
     while not predicate():
         assert time.monotonic() < deadline, "condition not reached in time"
         time.sleep(0.02)
+
+
+def test_frame_beyond_max_message_size_is_refused_by_the_master(
+    pool: Callable[..., PoolMember], tmp_path: Path
+) -> None:
+    from zmq.utils.monitor import recv_monitor_message
+
+    a, b = pool(max_message_size=1024), pool(max_message_size=1024)
+    record = Election(tmp_path / "run", "p", "test").read_record()
+    assert record is not None
+    ctx = zmq.Context()
+    try:
+        for endpoint in (record.endpoint, record.peer_endpoint):
+            flood = ctx.socket(zmq.DEALER)
+            flood.setsockopt(zmq.LINGER, 0)
+            monitor = flood.get_monitor_socket(
+                zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED
+            )
+            flood.connect(endpoint)
+            flood.send_multipart([b"HB", b"x" * 1_000_000])
+            # The master hangs up on a peer sending more than the limit.
+            events = []
+            deadline = time.monotonic() + 5.0
+            while zmq.EVENT_DISCONNECTED not in events:
+                assert time.monotonic() < deadline, f"not disconnected: {events}"
+                if monitor.poll(100):
+                    events.append(recv_monitor_message(monitor)["event"])
+            flood.disable_monitor()
+            monitor.close(linger=0)
+            flood.close()
+    finally:
+        # destroy, not term: a failed assertion leaves sockets open.
+        ctx.destroy(linger=0)
+    result = b.broadcast(b"still", timeout=5.0)
+    assert result.complete
+    assert {m.id for m in result.replies} == {a.info.id, b.info.id}
