@@ -38,7 +38,16 @@ payloads = st.one_of(
     st.sampled_from([json.dumps({"max_message_size": -1, "max_frames": 0}).encode()]),
     st.integers(1, 3 * MAX_SIZE).map(bytes),  # some past MAXMSGSIZE
 )
+# OPENs get their own share: their metadata is the one frame the server parses.
+opens = st.builds(
+    lambda request_id, frames: (
+        [protocol.encode_header(Kind.OPEN, 0, request_id)] + frames
+    ),
+    st.integers(0, 2**64 - 1),
+    st.lists(payloads, min_size=1, max_size=2),
+)
 messages = st.one_of(
+    opens,
     st.lists(garbage, max_size=6),
     st.tuples(headers, st.lists(payloads, max_size=4)).map(lambda t: [t[0], *t[1]]),
     # Huge frame counts, with and without a readable header.
