@@ -117,6 +117,9 @@ class Settings:
     # Hits
     max_hits: int = 256
     max_message_size: int = 2 * 1024**3
+    # Frames per message, header included: far more than any real call needs,
+    # few enough that a peer cannot make us hold millions of frame objects.
+    max_frames: int = 1024
     open_timeout: float = 2.0
     call_timeout: float = 30.0
     idle_timeout: float = 300.0

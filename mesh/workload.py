@@ -436,6 +436,7 @@ def run(args: argparse.Namespace, settings: Settings, out: IO[str]) -> int:
         open_timeout=settings.open_timeout,
         call_timeout=settings.call_timeout,
         max_message_size=settings.max_message_size,
+        max_frames=settings.max_frames,
         curve=Curve.from_settings(settings),
     ) as client:
         with concurrent.futures.ThreadPoolExecutor(

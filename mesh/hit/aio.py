@@ -35,6 +35,8 @@ from mesh.hit.client import (
     _PassFailed,
     answer_or_raise,
     call_frames,
+    frames_size,
+    hit_routing_id,
     no_connection,
     no_target_error,
 )
@@ -68,6 +70,7 @@ class AsyncClient:
         down_period: float = 10.0,
         max_sockets: int = 4096,
         curve: Curve | None = None,
+        max_frames: int = 1024,
     ) -> None:
         if resolver is None:
             if not nameservers:
@@ -83,6 +86,7 @@ class AsyncClient:
             max_message_size,
             ping_interval,
             liveness_timeout,
+            max_frames,
         )
         self.open_attempts = open_attempts
         self.down_period = down_period
@@ -101,6 +105,9 @@ class AsyncClient:
             self._pid = os.getpid()
             self._down.clear()
         return self._ctx
+
+    def mark_down(self, endpoint: str, now: float) -> None:
+        self._down[endpoint] = now + self.down_period
 
     def hit(self, metadata: Mapping[str, Any] | None = None) -> _Opening:
         """``async with client.hit(metadata) as hit``: open, use, close."""
@@ -152,7 +159,7 @@ class AsyncClient:
                 )
                 any_busy = any_busy or outcome.busy
                 if not outcome.busy:
-                    self._down[target.endpoint] = time.monotonic() + self.down_period
+                    self.mark_down(target.endpoint, time.monotonic())
         raise _PassFailed(any_busy)
 
     async def _open_on(self, endpoint: str, metadata: dict[str, Any]) -> AsyncHit:
@@ -162,6 +169,7 @@ class AsyncClient:
         try:
             sock.setsockopt(zmq.LINGER, 0)
             sock.setsockopt(zmq.IMMEDIATE, 1)
+            sock.setsockopt(zmq.ROUTING_ID, hit_routing_id())
             sock.setsockopt(zmq.MAXMSGSIZE, opts.max_message_size + 64 * 1024)
             if "[" in endpoint:
                 sock.setsockopt(zmq.IPV6, 1)
@@ -171,7 +179,9 @@ class AsyncClient:
             session = ClientSession(opts.ping_interval, opts.liveness_timeout)
             start = time.monotonic()
             request_id = session.request(Kind.OPEN, start, opts.open_timeout)
-            frames = protocol.encode_open(request_id, metadata)
+            frames = protocol.encode_open(
+                request_id, metadata, opts.max_message_size, opts.max_frames
+            )
             if not await _send(sock, frames, start + opts.open_timeout):
                 raise _Outcome(no_connection(opts.open_timeout, self.curve))
             answer = await _receive(sock, session)
@@ -246,6 +256,27 @@ async def _send(sock: zmq.asyncio.Socket, frames: list[Any], deadline: float) ->
     return True
 
 
+def _send_now(sock: zmq.asyncio.Socket, frames: list[Any]) -> bool:
+    """Send without waiting; False when it would have to wait.
+
+    ``zmq.asyncio`` never raises ``zmq.Again`` here: it returns a future that
+    holds it, and an unread failed future is logged when collected.
+    """
+    future = sock.send_multipart(frames, zmq.NOBLOCK)
+    if not isinstance(future, asyncio.Future):
+        return True
+    if future.done():
+        return not future.cancelled() and future.exception() is None
+    # Queued behind a send still in progress: read its outcome when it ends.
+    future.add_done_callback(_read_outcome)
+    return True
+
+
+def _read_outcome(future: asyncio.Future[Any]) -> None:
+    if not future.cancelled():
+        future.exception()
+
+
 async def _receive(
     sock: zmq.asyncio.Socket, session: ClientSession
 ) -> protocol.Message | None:
@@ -255,12 +286,8 @@ async def _receive(
         if step is None:
             return None
         if step.ping:
-            try:
-                sock.send_multipart(
-                    protocol.encode(Kind.PING, session.hit_id, step.ping), zmq.NOBLOCK
-                )
-            except zmq.Again:
-                pass
+            # Not sent when not connected: the silence it leads to is the verdict.
+            _send_now(sock, protocol.encode(Kind.PING, session.hit_id, step.ping))
         timeout_ms = int(min(step.timeout, SLICE) * 1000) + 1
         if not await sock.poll(timeout_ms):
             continue
@@ -300,6 +327,7 @@ class AsyncHit:
     ) -> None:
         self.endpoint = endpoint
         self.hit_id = session.hit_id
+        self._client = client
         self._options = client.options
         self._sock: zmq.asyncio.Socket | None = sock
         self._session = session
@@ -335,39 +363,48 @@ class AsyncHit:
         if sock is None:
             return
         try:
-            sock.send_multipart(
-                protocol.encode(Kind.CLOSE, self.hit_id, 0), zmq.NOBLOCK
-            )
+            _send_now(sock, protocol.encode(Kind.CLOSE, self.hit_id, 0))
         except zmq.ZMQError:
             pass
         sock.close(linger=LINGER_MS)
+
+    def _lost(self) -> None:
+        """Abandon the Hit and have the next open try its server last."""
+        self.abandon()
+        self._client.mark_down(self.endpoint, time.monotonic())
 
     async def call(
         self, method: str, *args: Any, timeout: float | None = None
     ) -> Reply:
         """Run ``method(*args)`` on the Hit's server thread; see ``Hit.call``."""
         sock = self._check()
-        frames = call_frames(method, args, self._options.max_message_size)
-        timeout = self._options.call_timeout if timeout is None else timeout
+        opts = self._options
+        frames = call_frames(method, args, opts.max_message_size, opts.max_frames)
+        timeout = opts.call_timeout if timeout is None else timeout
         session = self._session
         now = time.monotonic()
-        request_id = session.request(Kind.CALL, now, timeout)
+        request_id = session.request(Kind.CALL, now, timeout, frames_size(frames))
         what = f"Hit {self.hit_id:#x} on {self.endpoint}, call {method!r}"
         message = protocol.encode(Kind.CALL, self.hit_id, request_id, frames)
+        # A server that is not even connected is as lost as a silent one.
+        connect_wait = min(timeout, opts.liveness_timeout)
         try:
-            if not await _send(sock, message, now + timeout):
-                self.abandon()
-                raise HitLost(f"{what}: server not connected for {timeout:g} s")
+            if not await _send(sock, message, now + connect_wait):
+                self._lost()
+                raise HitLost(f"{what}: server not connected for {connect_wait:g} s")
             answer = await _receive(sock, session)
         except BaseException:
             # Cancelled mid-call: a later reply would be out of step.
             self.abandon()
             raise
         if answer is None:
-            silent = session.lost_for(time.monotonic())
+            now = time.monotonic()
+            if session.silent(now):
+                self._lost()
+                raise HitLost(
+                    f"{what}: server silent for {session.lost_for(now):.1f} s"
+                )
             self.abandon()
-            if silent >= self._options.liveness_timeout:
-                raise HitLost(f"{what}: server silent for {silent:.1f} s")
             raise HitTimeout(f"{what}: no reply within {timeout:g} s")
         try:
             return answer_or_raise(answer, what)

@@ -71,6 +71,9 @@ def add_commands(sub: argparse._SubParsersAction[Any]) -> None:
     )
     serve.add_argument("--max-message-size", type=int, help="largest message in bytes")
     serve.add_argument(
+        "--max-frames", type=int, help="most frames in one message (MESH_MAX_FRAMES)"
+    )
+    serve.add_argument(
         "--pool",
         help="also join this pool; the handler module's "
         "on_broadcast(payload) answers broadcasts",
@@ -129,6 +132,7 @@ def _serve(args: argparse.Namespace) -> int:
         idle_timeout=args.idle_timeout,
         drain_timeout=args.drain_timeout,
         max_message_size=args.max_message_size,
+        max_frames=args.max_frames,
     )
     factory, module = load_handler(args.handler)
     advertise = [
@@ -153,6 +157,7 @@ def _serve(args: argparse.Namespace) -> int:
         max_hits=settings.max_hits,
         idle_timeout=settings.idle_timeout,
         max_message_size=settings.max_message_size,
+        max_frames=settings.max_frames,
         drain_timeout=settings.drain_timeout,
         registrar=registrar,
         srv_name=srv_name,

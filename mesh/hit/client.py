@@ -17,6 +17,7 @@ import dataclasses
 import json
 import logging
 import os
+import secrets
 import threading
 import time
 import weakref
@@ -107,9 +108,22 @@ def arg_frame(arg: Any) -> Any:
         ) from None
 
 
-def call_frames(method: str, args: Sequence[Any], limit: int) -> list[Any]:
-    """The CALL frames after the header; raises before anything is sent."""
+def call_frames(
+    method: str, args: Sequence[Any], limit: int, max_frames: int
+) -> list[Any]:
+    """The CALL frames after the header; raises before anything is sent.
+
+    Past ``max_frames`` (header included) the error's ``size`` and ``limit``
+    count frames, not bytes.
+    """
     frames = [method.encode(), *(arg_frame(a) for a in args)]
+    if len(frames) + 1 > max_frames:
+        raise MessageTooLarge(
+            f"call {method!r} has {len(frames) + 1} frames, over the limit of "
+            f"{max_frames}",
+            len(frames) + 1,
+            max_frames,
+        )
     size = sum(protocol.frame_size(f) for f in frames)
     if size > limit:
         raise MessageTooLarge(
@@ -118,6 +132,19 @@ def call_frames(method: str, args: Sequence[Any], limit: int) -> list[Any]:
             limit,
         )
     return frames
+
+
+def frames_size(frames: Sequence[Any]) -> int:
+    return sum(protocol.frame_size(f) for f in frames)
+
+
+def hit_routing_id() -> bytes:
+    """A fixed identity for one Hit socket, so a reconnect keeps its Hit.
+
+    Random, so one Hit's id tells nothing about another's; the first byte is
+    never zero, which libzmq reserves for the ids it makes up itself.
+    """
+    return b"H" + secrets.token_bytes(15)
 
 
 def answer_or_raise(message: protocol.Message, what: str) -> Reply:
@@ -185,6 +212,7 @@ class HitOptions:
     max_message_size: int
     ping_interval: float
     liveness_timeout: float
+    max_frames: int = 1024
 
 
 class _Outcome(Exception):
@@ -219,6 +247,7 @@ class Client:
         down_period: float = 10.0,
         max_sockets: int = 4096,
         curve: Curve | None = None,
+        max_frames: int = 1024,
     ) -> None:
         if resolver is None:
             if not nameservers:
@@ -234,6 +263,7 @@ class Client:
             max_message_size,
             ping_interval,
             liveness_timeout,
+            max_frames,
         )
         self.open_attempts = open_attempts
         self.down_period = down_period
@@ -310,6 +340,7 @@ class Client:
         try:
             sock.setsockopt(zmq.LINGER, 0)
             sock.setsockopt(zmq.IMMEDIATE, 1)
+            sock.setsockopt(zmq.ROUTING_ID, hit_routing_id())
             sock.setsockopt(zmq.MAXMSGSIZE, opts.max_message_size + 64 * 1024)
             if "[" in endpoint:
                 sock.setsockopt(zmq.IPV6, 1)
@@ -320,7 +351,10 @@ class Client:
             start = time.monotonic()
             deadline = start + opts.open_timeout
             request_id = session.request(Kind.OPEN, start, opts.open_timeout)
-            if not send(sock, protocol.encode_open(request_id, metadata), deadline):
+            frames = protocol.encode_open(
+                request_id, metadata, opts.max_message_size, opts.max_frames
+            )
+            if not send(sock, frames, deadline):
                 raise _Outcome(no_connection(opts.open_timeout, self.curve))
             answer = receive(sock, session)
             if answer is None:
@@ -386,6 +420,7 @@ def receive(sock: zmq.Socket[bytes], session: ClientSession) -> protocol.Message
                     protocol.encode(Kind.PING, session.hit_id, step.ping), zmq.NOBLOCK
                 )
             except zmq.Again:
+                # Not connected: the silence it leads to is the verdict.
                 pass
         if not sock.poll(int(min(step.timeout, SLICE) * 1000) + 1):
             continue
@@ -465,6 +500,11 @@ class Hit:
         self._session.state = ClientState.LOST
         self._end()
 
+    def _lost(self) -> None:
+        """Abandon the Hit and have the next open try its server last."""
+        self._abandon()
+        self._client.mark_down(self.endpoint, time.monotonic())
+
     def call(self, method: str, *args: Any, timeout: float | None = None) -> Reply:
         """Run ``method(*args)`` on the Hit's server thread and return its reply.
 
@@ -475,30 +515,36 @@ class Hit:
         pings, :class:`MessageTooLarge` before sending an oversized call.
         """
         sock = self._check()
-        frames = call_frames(method, args, self._options.max_message_size)
-        timeout = self._options.call_timeout if timeout is None else timeout
+        opts = self._options
+        frames = call_frames(method, args, opts.max_message_size, opts.max_frames)
+        timeout = opts.call_timeout if timeout is None else timeout
         session = self._session
         now = time.monotonic()
-        request_id = session.request(Kind.CALL, now, timeout)
+        request_id = session.request(Kind.CALL, now, timeout, frames_size(frames))
         what = f"Hit {self.hit_id:#x} on {self.endpoint}, call {method!r}"
+        # A server that is not even connected is as lost as a silent one.
+        connect_wait = min(timeout, opts.liveness_timeout)
         try:
             if not send(
                 sock,
                 protocol.encode(Kind.CALL, self.hit_id, request_id, frames),
-                now + timeout,
+                now + connect_wait,
             ):
-                self._abandon()
-                raise HitLost(f"{what}: server not connected for {timeout:g} s")
+                self._lost()
+                raise HitLost(f"{what}: server not connected for {connect_wait:g} s")
             answer = receive(sock, session)
         except BaseException:
             # Ctrl-C (or anything) mid-call: the reply would be out of step.
             self._abandon()
             raise
         if answer is None:
-            silent = session.lost_for(time.monotonic())
+            now = time.monotonic()
+            if session.silent(now):
+                self._lost()
+                raise HitLost(
+                    f"{what}: server silent for {session.lost_for(now):.1f} s"
+                )
             self._abandon()
-            if silent >= self._options.liveness_timeout:
-                raise HitLost(f"{what}: server silent for {silent:.1f} s")
             raise HitTimeout(f"{what}: no reply within {timeout:g} s")
         try:
             return answer_or_raise(answer, what)

@@ -5,7 +5,7 @@ Every message is one zmq multipart message whose first frame is a fixed
 
     header = magic "SM" | version u8 | kind u8 | hit id u64 | request id u64
 
-    OPEN   client -> server   [metadata]        a JSON object, hit id 0
+    OPEN   client -> server   [metadata, limits?]  a JSON object, hit id 0
     OK     server -> client   []                OPEN or CLOSE succeeded
     BUSY   server -> client   [reason]          cap reached or draining
     ERROR  server -> client   [type, message]   the handler or the protocol failed
@@ -13,12 +13,19 @@ Every message is one zmq multipart message whose first frame is a fixed
     REPLY  server -> client   [frames...]
     CLOSE  client -> server   []
     PING   client -> server   []                liveness while a call runs
-    PONG   server -> client   []
+    PONG   server -> client   [size?]
 
 The server picks the hit id when it answers OPEN. Request ids are chosen by
 the client, unique within a Hit, and echoed in the answer, which is how a
 client recognises and drops a stale reply. Text frames are UTF-8. Payload
 frames are opaque: this module never copies them, it only checks their count.
+
+OPEN's optional ``limits`` frame is a JSON object with the client's
+``max_message_size`` and ``max_frames``: the server refuses to send a reply
+past them (ERROR ``MessageTooLarge``) instead of sending one the client's
+socket would drop. A PONG's optional ``size`` frame (decimal) announces the
+byte count of the answer that follows it on the wire, so the client does not
+mistake the time that answer takes to arrive for a silent server.
 """
 
 from __future__ import annotations
@@ -30,7 +37,7 @@ import struct
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from mesh.errors import ProtocolError
+from mesh.errors import MessageTooLarge, ProtocolError
 
 __all__ = [
     "HEADER_SIZE",
@@ -41,6 +48,7 @@ __all__ = [
     "decode_header",
     "encode",
     "encode_header",
+    "encode_open",
     "frame_size",
 ]
 
@@ -68,7 +76,7 @@ class Kind(enum.IntEnum):
 
 # (fewest frames after the header, most frames or None for "any number")
 _FRAME_COUNTS: dict[Kind, tuple[int, int | None]] = {
-    Kind.OPEN: (1, 1),
+    Kind.OPEN: (1, 2),
     Kind.OK: (0, 0),
     Kind.BUSY: (1, 1),
     Kind.ERROR: (2, 2),
@@ -76,7 +84,7 @@ _FRAME_COUNTS: dict[Kind, tuple[int, int | None]] = {
     Kind.REPLY: (0, None),
     Kind.CLOSE: (0, 0),
     Kind.PING: (0, 0),
-    Kind.PONG: (0, 0),
+    Kind.PONG: (0, 1),
 }
 
 
@@ -123,13 +131,41 @@ class Message:
         """The metadata object of an OPEN."""
         try:
             value = json.loads(bytes(self.frames[0]))
-        except (UnicodeDecodeError, json.JSONDecodeError):
+        except (ValueError, RecursionError):
+            # ValueError covers bad UTF-8 and bad JSON; RecursionError is
+            # what deeply nested brackets raise, and a peer can send those.
             raise ProtocolError("OPEN metadata is not JSON") from None
         if not isinstance(value, dict):
             raise ProtocolError(
                 f"OPEN metadata is a JSON {type(value).__name__}, not an object"
             )
         return value
+
+    @property
+    def limits(self) -> tuple[int, int] | None:
+        """An OPEN's ``(max_message_size, max_frames)`` for replies, if given."""
+        if len(self.frames) < 2:
+            return None
+        try:
+            value = json.loads(bytes(self.frames[1]))
+            size, frames = value["max_message_size"], value["max_frames"]
+        except (ValueError, RecursionError, TypeError, KeyError):
+            raise ProtocolError(
+                "OPEN limits are not a JSON object of two sizes"
+            ) from None
+        if not all(type(n) is int and n > 0 for n in (size, frames)):
+            raise ProtocolError(f"OPEN limits {size!r}, {frames!r} are not sizes")
+        return size, frames
+
+    @property
+    def announced(self) -> int:
+        """The byte count a PONG announces (0: none)."""
+        if not self.frames:
+            return 0
+        raw = bytes(self.frames[0])
+        if not raw.isdigit() or len(raw) > 20:
+            raise ProtocolError(f"PONG size {raw[:32]!r} is not a decimal count")
+        return int(raw)
 
 
 def frame_size(frame: Any) -> int:
@@ -188,6 +224,9 @@ def decode(frames: Sequence[Any]) -> Message:
         message.method  # noqa: B018 - validates the UTF-8 now, not later
     elif header.kind is Kind.OPEN:
         message.metadata  # noqa: B018 - validates the JSON now, not later
+        message.limits  # noqa: B018
+    elif header.kind is Kind.PONG:
+        message.announced  # noqa: B018
     elif header.kind in (Kind.BUSY, Kind.ERROR):
         for i in range(len(rest)):
             message.text(i)
@@ -202,8 +241,25 @@ def encode(
     return [encode_header(kind, hit_id, request_id), *frames]
 
 
-def encode_open(request_id: int, metadata: Mapping[str, Any]) -> list[Any]:
-    return encode(Kind.OPEN, 0, request_id, [json.dumps(dict(metadata)).encode()])
+def encode_open(
+    request_id: int,
+    metadata: Mapping[str, Any],
+    max_message_size: int | None = None,
+    max_frames: int | None = None,
+) -> list[Any]:
+    """An OPEN; with limits given, they are sent and the metadata is held to them."""
+    frames = [json.dumps(dict(metadata)).encode()]
+    if max_message_size is not None and max_frames is not None:
+        if len(frames[0]) > max_message_size:
+            raise MessageTooLarge(
+                f"OPEN metadata of {len(frames[0])} bytes is over the limit of "
+                f"{max_message_size}",
+                len(frames[0]),
+                max_message_size,
+            )
+        limits = {"max_message_size": max_message_size, "max_frames": max_frames}
+        frames.append(json.dumps(limits).encode())
+    return encode(Kind.OPEN, 0, request_id, frames)
 
 
 def encode_error(hit_id: int, request_id: int, type_name: str, text: str) -> list[Any]:

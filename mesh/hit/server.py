@@ -56,6 +56,10 @@ _SLICE_MS = 100
 # Headroom over max_message_size for the header and method frames, so the
 # per-frame MAXMSGSIZE limit never refuses a payload the size check accepts.
 _FRAME_HEADROOM = 64 * 1024
+# Answers at least this large are announced with a PONG carrying their size,
+# so the client allows for their transfer time (see ClientSession). Smaller
+# ones arrive well within any liveness timeout.
+_ANNOUNCE_BYTES = 1024 * 1024
 # Sockets besides the workers': the front, the back, and a margin for a
 # caller's own sockets on this context (C07).
 _EXTRA_SOCKETS = 32
@@ -117,7 +121,9 @@ def _close_handler(handler: Any, hit_id: int) -> None:
         log.exception("Hit %#x: handler close() raised", hit_id)
 
 
-def _run_call(handler: Any, message: protocol.Message) -> list[Any]:
+def _run_call(
+    handler: Any, message: protocol.Message, limits: tuple[int, int] | None
+) -> list[Any]:
     method = message.method
     function = None
     if not method.startswith("_") and method != "close":
@@ -136,7 +142,32 @@ def _run_call(handler: Any, message: protocol.Message) -> list[Any]:
         return protocol.encode_error(
             message.hit_id, message.request_id, type(exc).__name__, str(exc)
         )
+    if limits is not None:
+        too_big = _over_limits(frames, limits)
+        if too_big:
+            log.debug("Hit %#x: %s reply refused: %s", message.hit_id, method, too_big)
+            return protocol.encode_error(
+                message.hit_id, message.request_id, "MessageTooLarge", too_big
+            )
     return protocol.encode(Kind.REPLY, message.hit_id, message.request_id, frames)
+
+
+def _over_limits(frames: Sequence[Any], limits: tuple[int, int]) -> str:
+    """Why a reply would be past the client's limits ("" when it is not).
+
+    The client's socket would drop an oversized reply, and the call would
+    look like a timeout; an ERROR tells it what happened instead.
+    """
+    max_size, max_frames = limits
+    size = sum(protocol.frame_size(f) for f in frames)
+    if size > max_size:
+        return f"reply of {size} bytes is over the client's limit of {max_size}"
+    if len(frames) + 1 > max_frames:
+        return (
+            f"reply of {len(frames) + 1} frames is over the client's limit of "
+            f"{max_frames}"
+        )
+    return ""
 
 
 def _worker(
@@ -165,6 +196,7 @@ def _worker(
             )
             return
         log.info("Hit %#x opened on thread %d", hit_id, threading.get_ident())
+        limits = open_message.limits
         sock.send_multipart(protocol.encode(Kind.OK, hit_id, open_message.request_id))
         while not stop.is_set():
             if not sock.poll(_SLICE_MS * 5):
@@ -175,7 +207,7 @@ def _worker(
                 break
             message = protocol.decode(frames)
             if message.kind is Kind.CALL:
-                sock.send_multipart(_run_call(handler, message), copy=False)
+                sock.send_multipart(_run_call(handler, message, limits), copy=False)
             elif message.kind is Kind.CLOSE:
                 _close_handler(handler, hit_id)
                 handler = None
@@ -210,6 +242,7 @@ class HitServer:
         max_hits: int = 256,
         idle_timeout: float = 300.0,
         max_message_size: int = 2 * 1024**3,
+        max_frames: int = 1024,
         drain_timeout: float = 10.0,
         registrar: Registrar | None = None,
         srv_name: str | None = None,
@@ -225,6 +258,7 @@ class HitServer:
         self.max_hits = max_hits
         self.idle_timeout = idle_timeout
         self.max_message_size = max_message_size
+        self.max_frames = max_frames
         self.drain_timeout = drain_timeout
         self.registrar = registrar
         self.srv_name = srv_name
@@ -338,6 +372,10 @@ class HitServer:
 
     def _bind(self, front: zmq.Socket[bytes], back: zmq.Socket[bytes]) -> None:
         front.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        # A client that reconnects (a network blip, a restarted connection)
+        # comes back with its Hit socket's fixed routing id; handing the id
+        # over to the new connection keeps its Hit instead of refusing it.
+        front.setsockopt(zmq.ROUTER_HANDOVER, 1)
         front.setsockopt(zmq.MAXMSGSIZE, self.max_message_size + _FRAME_HEADROOM)
         back.setsockopt(zmq.ROUTER_MANDATORY, 1)
         if self.curve is not None:
@@ -450,6 +488,12 @@ class HitServer:
             header = protocol.decode_header(frames[1])
             decision = self.table.from_worker(header, now)
             if isinstance(decision, Forward):
+                size = sum(f.buffer.nbytes for f in frames[2:])
+                if size >= _ANNOUNCE_BYTES:
+                    announce = protocol.encode(
+                        Kind.PONG, header.hit_id, header.request_id, [b"%d" % size]
+                    )
+                    self._send_front(front, [decision.peer, *announce])
                 self._send_front(front, [decision.peer, *frames[1:]])
             else:
                 log.debug("Hit %#x: dropping worker message: %s", hit_id, decision)
@@ -459,10 +503,49 @@ class HitServer:
     ) -> None:
         for _ in range(1000):
             try:
-                frames = front.recv_multipart(zmq.NOBLOCK, copy=False)
+                first = front.recv(zmq.NOBLOCK, copy=False)
             except zmq.Again:
                 return
+            frames, extra = self._recv_rest(front, first)
+            if extra:
+                self._too_many_frames(front, frames, len(frames) - 1 + extra)
+                continue
             self._from_client(front, back, frames, now)
+
+    def _recv_rest(
+        self, front: zmq.Socket[bytes], first: zmq.Frame
+    ) -> tuple[list[zmq.Frame], int]:
+        """The rest of a message, keeping at most max_frames after the peer id.
+
+        Frames past the limit are read and dropped one at a time, so a peer
+        sending millions of empty frames costs us time but not memory.
+        """
+        frames = [first]
+        extra = 0
+        while front.getsockopt(zmq.RCVMORE):
+            # The parts of a multipart message arrive together: no wait here.
+            frame = front.recv(copy=False)
+            if len(frames) <= self.max_frames:
+                frames.append(frame)
+            else:
+                extra += 1
+        return frames, extra
+
+    def _too_many_frames(
+        self, front: zmq.Socket[bytes], frames: list[zmq.Frame], count: int
+    ) -> None:
+        peer = frames[0].bytes
+        text = f"message of {count} frames exceeds the limit of {self.max_frames}"
+        try:
+            header = protocol.decode_header(frames[1])
+        except ProtocolError:
+            log.debug("dropping a message from a peer: %s", text)
+            return
+        log.debug("Hit %#x: protocol error: %s", header.hit_id, text)
+        error = protocol.encode_error(
+            header.hit_id, header.request_id, "ProtocolError", text
+        )
+        self._send_front(front, [peer, *error])
 
     def _from_client(
         self,

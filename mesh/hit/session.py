@@ -199,6 +199,13 @@ class HitTable:
         return victims
 
 
+# The slowest rate (bytes/s) we still take for a transfer in progress rather
+# than a dead server: loopback moves about 1 GB/s and a loaded 2-core box a
+# fraction of that, so this is a guess with a wide margin, not a measurement.
+# It only lengthens the wait for a server that dies during a big transfer.
+TRANSFER_FLOOR = 32 * 1024 * 1024
+
+
 class ClientState(enum.Enum):
     OPENING = "opening"
     OPEN = "open"
@@ -221,6 +228,13 @@ class ClientSession:
     ``deadline`` is when the outstanding request times out. While waiting, a
     PING goes out every ``ping_interval``; when nothing at all has been heard
     from the server for ``liveness_timeout``, the server is lost.
+
+    Silence explained by our own transfer does not count: a large CALL gives
+    its PINGs a queue to wait in before they even leave, and a large REPLY
+    holds back the PONGs queued behind it. So a CALL of ``size`` bytes, and a
+    PONG announcing an answer of ``size`` bytes, each add ``size /
+    TRANSFER_FLOOR`` seconds to the allowance, until a message shows the
+    transfer is over.
     """
 
     def __init__(self, ping_interval: float, liveness_timeout: float) -> None:
@@ -233,17 +247,19 @@ class ClientSession:
         self.deadline = 0.0
         self._last_heard = 0.0
         self._last_ping = 0.0
+        self._allowance = 0.0
 
     def _new_id(self) -> int:
         request_id = self._next_id
         self._next_id += 1
         return request_id
 
-    def request(self, kind: Kind, now: float, timeout: float) -> int:
-        """Start a request (OPEN, CALL or CLOSE); returns its request id."""
+    def request(self, kind: Kind, now: float, timeout: float, size: int = 0) -> int:
+        """Start a request (OPEN, CALL or CLOSE) of ``size`` bytes; its id."""
         self.outstanding = self._new_id()
         self.deadline = now + timeout
         self._last_heard = self._last_ping = now
+        self._allowance = size / TRANSFER_FLOOR
         if kind is Kind.CALL:
             self.state = ClientState.CALLING
         return self.outstanding
@@ -255,7 +271,7 @@ class ClientSession:
         remaining = self.deadline - now
         if self.state is not ClientState.CALLING:
             return Wait(remaining)
-        if now - self._last_heard >= self.liveness_timeout:
+        if self.silent(now):
             return None
         ping = 0
         if now - self._last_ping >= self.ping_interval:
@@ -267,6 +283,10 @@ class ClientSession:
         """Seconds since the server was last heard from."""
         return now - self._last_heard
 
+    def silent(self, now: float) -> bool:
+        """True once the server has been silent for longer than we allow."""
+        return now - self._last_heard >= self.liveness_timeout + self._allowance
+
     def accept(self, message: Message, now: float) -> bool:
         """True when ``message`` answers the outstanding request.
 
@@ -276,7 +296,14 @@ class ClientSession:
         if self.hit_id and message.hit_id not in (self.hit_id, 0):
             return False
         self._last_heard = now
-        if message.kind is Kind.PONG or message.request_id != self.outstanding:
+        if message.kind is Kind.PONG:
+            if message.announced:
+                self._allowance = message.announced / TRANSFER_FLOOR
+            elif message.request_id > self.outstanding:
+                # A PING sent after our CALL went out after it: upload done.
+                self._allowance = 0.0
+            return False
+        if message.request_id != self.outstanding:
             return False
         self.outstanding = 0
         if self.state is ClientState.OPENING and message.kind is Kind.OK:

@@ -66,6 +66,12 @@ class Recorder:
         time.sleep(float(str(seconds, "utf-8")))
         return "slept"
 
+    def big(self, size: memoryview) -> bytes:
+        return bytes(int(str(size, "utf-8")))
+
+    def many(self, count: memoryview) -> list[bytes]:
+        return [b"x"] * int(str(count, "utf-8"))
+
     def close(self) -> None:
         self._log("close")
 

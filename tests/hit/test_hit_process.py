@@ -161,3 +161,41 @@ def test_forked_children_get_their_own_context(
             assert child.exitcode == 0
         with c.hit() as hit:
             assert hit.call("count").text() == "0"
+
+
+def test_async_sigkill_mid_hit_gives_hit_lost_and_the_next_hit_goes_elsewhere(
+    spawn: Callable[..., ServerProcess],
+) -> None:
+    import asyncio
+    import threading
+
+    from mesh.hit.aio import AsyncClient
+
+    doomed, alive = spawn(), spawn()
+    killed: list[float] = []
+
+    def kill_soon() -> None:
+        time.sleep(0.5)
+        killed.append(time.monotonic())
+        doomed.proc.send_signal(signal.SIGKILL)
+
+    async def main() -> None:
+        async with AsyncClient(
+            "_test._tcp.mesh.internal.",
+            resolver=StaticResolver(doomed.endpoint, alive.endpoint),
+            ping_interval=0.2,
+            liveness_timeout=1.5,
+        ) as c:
+            hit = await c.open()
+            assert hit.endpoint == doomed.endpoint
+            await hit.call("put", "a", b"data")
+            threading.Thread(target=kill_soon).start()
+            with pytest.raises(HitLost):
+                await hit.call("sleep", "30")
+            # Liveness 1.5 s after the kill, with generous slack for a loaded box.
+            assert time.monotonic() - killed[0] < 1.5 + 3.0
+            async with c.hit() as again:
+                assert again.endpoint == alive.endpoint
+                assert (await again.call("count")).text() == "0"
+
+    asyncio.run(main())

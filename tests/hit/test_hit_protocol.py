@@ -8,10 +8,11 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from mesh.errors import ProtocolError
+from mesh.errors import MessageTooLarge, ProtocolError
 from mesh.hit import protocol
 from mesh.hit.protocol import Kind
 from mesh.hit.session import (
+    TRANSFER_FLOOR,
     Answer,
     ClientSession,
     ClientState,
@@ -146,3 +147,47 @@ def test_client_session_pings_and_gives_up_on_silence() -> None:
 def test_metadata_is_json() -> None:
     frames = protocol.encode_open(1, {"n": [1, 2]})
     assert json.loads(frames[1]) == {"n": [1, 2]}
+
+
+def test_client_session_allows_for_its_own_upload_until_a_later_pong() -> None:
+    session = ClientSession(ping_interval=1, liveness_timeout=3)
+    session.request(Kind.OPEN, 0, 2)
+    session.accept(protocol.Message(Kind.OK, 9, 1), 0)
+    size = 10 * TRANSFER_FLOOR  # ten seconds of upload at the floor rate
+    session.request(Kind.CALL, 10, 60, size)
+    assert session.next_step(22) is not None  # silent 12 s, within 3 + 10
+    assert session.next_step(23.1) is None
+    # A PONG to a ping sent after the CALL: the upload is over.
+    call = session.request(Kind.CALL, 30, 60, size)
+    assert not session.accept(protocol.Message(Kind.PONG, 9, call + 1), 31)
+    assert session.next_step(33.5) is not None
+    assert session.next_step(34.1) is None
+
+
+def test_client_session_allows_for_an_announced_download() -> None:
+    session = ClientSession(ping_interval=1, liveness_timeout=3)
+    session.request(Kind.OPEN, 0, 2)
+    session.accept(protocol.Message(Kind.OK, 9, 1), 0)
+    session.request(Kind.CALL, 10, 60)  # request 2
+    announce = protocol.decode(
+        protocol.encode(Kind.PONG, 9, 2, [str(5 * TRANSFER_FLOOR).encode()])
+    )
+    assert not session.accept(announce, 11)
+    assert session.next_step(18.5) is not None  # 7.5 s: within 3 + 5
+    assert session.next_step(19.1) is None
+    assert session.silent(19.1)
+
+
+def test_open_carries_limits_and_holds_its_metadata_to_them() -> None:
+    frames = protocol.encode_open(1, {"n": 1}, 1000, 16)
+    assert protocol.decode(frames).limits == (1000, 16)
+    assert protocol.decode(protocol.encode_open(1, {})).limits is None
+    with pytest.raises(MessageTooLarge) as info:
+        protocol.encode_open(1, {"x": "y" * 2000}, 1000, 16)
+    assert info.value.limit == 1000
+
+
+def test_deeply_nested_metadata_is_a_protocol_error_not_a_crash() -> None:
+    header = protocol.encode_header(Kind.OPEN, 0, 1)
+    with pytest.raises(ProtocolError, match="not JSON"):
+        protocol.decode([header, b"[" * 100_000])

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import socket
 import threading
+import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -13,11 +14,14 @@ import zmq
 
 from mesh.errors import (
     HitClosed,
+    HitLost,
     HitTimeout,
     MessageTooLarge,
     NoTargetAvailable,
     RemoteError,
 )
+from mesh.hit import protocol
+from mesh.hit.protocol import Kind
 from mesh.hit.server import HitServer
 
 from .conftest import Recorder
@@ -60,6 +64,7 @@ def test_every_call_of_a_hit_runs_on_one_thread_with_100_hits_at_once(
 ) -> None:
     server = make_server(Recorder, max_hits=200)
     driver = make_driver(server.endpoint)
+    Recorder.events.clear()
     n = 100
     barrier = threading.Barrier(n, timeout=60)
     seen: dict[int, set[int]] = {}
@@ -84,6 +89,11 @@ def test_every_call_of_a_hit_runs_on_one_thread_with_100_hits_at_once(
     assert all(len(threads) == 1 for threads in seen.values())
     # Open at the same time, so no two Hits may share a thread.
     assert len({next(iter(t)) for t in seen.values()}) == n
+    # The handler was built and closed on the thread that ran its calls.
+    for threads in seen.values():
+        (thread,) = threads
+        ran = [what for what, t in Recorder.events if t == thread]
+        assert ran == ["open"] + ["call"] * 6 + ["close"]
 
 
 def test_handler_exception_names_type_and_message_and_hit_stays_usable(
@@ -197,3 +207,139 @@ def test_256_mib_round_trip_is_byte_identical(
         assert reply[0].nbytes == len(payload)
         assert hashlib.sha256(reply[0]).digest() == hashlib.sha256(payload).digest()
         assert reply.bytes(1) == b"tail"
+
+
+@pytest.mark.slow
+def test_1_gib_round_trip_is_not_mistaken_for_a_silent_server(
+    server: HitServer, make_driver: Driver
+) -> None:
+    payload = bytearray(1024**3)
+    for i in range(0, len(payload), 4096):
+        payload[i : i + 8] = i.to_bytes(8, "little")
+    digest = hashlib.sha256(payload).digest()
+    # Either way the transfer takes far longer than this liveness timeout;
+    # only silence that the transfer does not explain may count.
+    driver = make_driver(
+        server.endpoint, call_timeout=300, ping_interval=0.1, liveness_timeout=0.5
+    )
+    with driver.open() as hit:
+        reply = hit.call("echo", memoryview(payload))
+        del payload
+        assert reply[0].nbytes == 1024**3
+        assert hashlib.sha256(reply[0]).digest() == digest
+        del reply
+
+
+def test_a_server_gone_between_calls_is_lost_within_the_liveness_timeout(
+    make_server: Callable[..., HitServer], make_driver: Driver
+) -> None:
+    server = make_server(Recorder)
+    driver = make_driver(server.endpoint, call_timeout=60, liveness_timeout=1.0)
+    hit = driver.open()
+    assert hit.call("echo", b"x").bytes() == b"x"
+    server.close()
+    start = time.monotonic()
+    with pytest.raises(HitLost) as info:
+        hit.call("echo", b"y")
+    assert not isinstance(info.value, HitTimeout)
+    # Liveness is 1 s; the call timeout of 60 s must play no part.
+    assert time.monotonic() - start < 1.0 + 5.0
+    hit.close()
+
+
+def test_a_reply_over_the_clients_limits_is_an_error_not_a_timeout(
+    server: HitServer, make_driver: Driver
+) -> None:
+    driver = make_driver(
+        server.endpoint, max_message_size=1000, max_frames=8, call_timeout=20
+    )
+    with driver.open() as hit:
+        with pytest.raises(RemoteError) as info:
+            hit.call("big", "2000")
+        assert info.value.type_name == "MessageTooLarge"
+        assert "2000 bytes" in info.value.remote_message
+        with pytest.raises(RemoteError, match="MessageTooLarge"):
+            hit.call("many", "8")  # with the header: 9 frames
+        assert hit.call("big", "1000").bytes() == bytes(1000)
+        assert len(hit.call("many", "7")) == 7
+
+
+def test_a_call_over_the_frame_limit_is_refused_before_sending(
+    server: HitServer, make_driver: Driver
+) -> None:
+    driver = make_driver(server.endpoint, max_frames=8)
+    with driver.open() as hit:
+        with pytest.raises(MessageTooLarge, match="9 frames") as info:
+            hit.call("echo", *[b"x"] * 7)  # header, method and 7 arguments
+        assert info.value.limit == 8
+        assert len(hit.call("echo", *[b"x"] * 6)) == 6
+
+
+def test_oversized_open_metadata_is_refused_before_sending(
+    server: HitServer, make_driver: Driver
+) -> None:
+    driver = make_driver(server.endpoint, max_message_size=1000)
+    with pytest.raises(MessageTooLarge) as info:
+        driver.open({"blob": "x" * 2000})
+    assert info.value.limit == 1000
+    assert len(server.table) == 0
+    with driver.open({"blob": "x" * 100}) as hit:
+        assert hit.call("echo", b"ok").bytes() == b"ok"
+
+
+class GoesSilent:
+    """A fake server that answers the first OPEN, then nothing ever again."""
+
+    def __init__(self) -> None:
+        self.ctx = zmq.Context()
+        self.router = self.ctx.socket(zmq.ROUTER)
+        self.router.setsockopt(zmq.LINGER, 0)
+        port = self.router.bind_to_random_port("tcp://127.0.0.1")
+        self.endpoint = f"tcp://127.0.0.1:{port}"
+        self.opens = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            if not self.router.poll(50):
+                continue
+            peer, *frames = self.router.recv_multipart()
+            message = protocol.decode(frames)
+            if message.kind is Kind.OPEN:
+                self.opens += 1
+                if self.opens == 1:
+                    ok = protocol.encode(Kind.OK, 77, message.request_id)
+                    self.router.send_multipart([peer, *ok])
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(10)
+        self.router.close()
+        self.ctx.term()
+
+
+def test_a_lost_server_is_tried_last_by_the_next_open(
+    server: HitServer, make_driver: Driver
+) -> None:
+    silent = GoesSilent()
+    try:
+        driver = make_driver(
+            silent.endpoint,
+            server.endpoint,
+            ping_interval=0.1,
+            liveness_timeout=0.5,
+            open_timeout=2.0,
+        )
+        hit = driver.open()
+        assert hit.endpoint == silent.endpoint
+        with pytest.raises(HitLost):
+            hit.call("echo", b"x")
+        hit.close()
+        with driver.open() as again:
+            assert again.endpoint == server.endpoint
+        # Marked down, so the next open did not even ask it.
+        assert silent.opens == 1
+    finally:
+        silent.close()

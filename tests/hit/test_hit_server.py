@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
+import gc
 import os
+import signal
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -11,8 +14,10 @@ from typing import Any
 import pytest
 import zmq
 
+from mesh.config import Settings
 from mesh.errors import HitLost, NoTargetAvailable, WrongThread
 from mesh.hit import protocol
+from mesh.hit.aio import AsyncClient, AsyncHit
 from mesh.hit.client import Client
 from mesh.hit.protocol import Kind
 from mesh.hit.server import HitServer
@@ -263,3 +268,162 @@ def test_5000_sequential_hits_leave_the_fd_count_where_it_started(
             with client.hit() as hit:
                 hit.call("echo", b"x")
         wait_for(lambda: abs(open_fds() - before) <= 16, timeout=15)
+
+
+def test_a_reconnect_keeps_the_hit(server: HitServer) -> None:
+    with client_for(server) as client, client.hit() as hit:
+        thread = hit.call("thread").text()
+        sock = hit._sock
+        assert sock is not None
+        # A new TCP connection, as after a network blip.
+        sock.disconnect(server.endpoint)
+        sock.connect(server.endpoint)
+        # What was in flight during the switch may be lost (zmq delivers at
+        # most once), so let the new connection settle before calling.
+        time.sleep(0.5)
+        assert hit.call("thread", timeout=10).text() == thread
+
+
+def test_hit_sockets_have_zmtp_heartbeats_off(server: HitServer) -> None:
+    # C09: liveness is our PING/PONG, which knows a long call from a dead peer.
+    with client_for(server) as client, client.hit() as hit:
+        assert hit._sock is not None
+        assert hit._sock.getsockopt(zmq.HEARTBEAT_IVL) == 0
+
+    async def main() -> None:
+        async with AsyncClient(
+            "_t._tcp.z.", resolver=StaticResolver(server.endpoint)
+        ) as client:
+            async with client.hit() as hit:
+                assert hit._sock is not None
+                assert hit._sock.getsockopt(zmq.HEARTBEAT_IVL) == 0
+
+    asyncio.run(main())
+
+
+def test_too_many_frames_get_an_error_or_are_dropped_and_others_keep_working(
+    make_server: Callable[..., HitServer], raw: Callable[[str], zmq.Socket[bytes]]
+) -> None:
+    server = make_server(Recorder, max_frames=16)
+    with client_for(server) as client, client.hit() as hit:
+        peer = raw(server.endpoint)
+        peer.send_multipart([b"garbage"] * 100_000)
+        header = protocol.encode_header(Kind.CALL, hit.hit_id, 5)
+        peer.send_multipart([header, b"echo", *[b"x"] * 15])  # 17 frames
+        answer = protocol.decode(peer.recv_multipart())
+        assert answer.kind is Kind.ERROR and answer.request_id == 5
+        assert "17 frames exceeds the limit of 16" in answer.text(1)
+        assert not peer.poll(300)  # nothing for the garbage
+        assert len(hit.call("echo", *[b"x"] * 14)) == 14  # 16 frames: fine
+
+
+def test_settings_carry_max_frames_from_the_environment() -> None:
+    assert Settings.load(env={}).max_frames == 1024
+    assert Settings.load(env={"MESH_MAX_FRAMES": "7"}).max_frames == 7
+
+
+@pytest.mark.slow
+def test_ctrl_c_interrupts_a_blocked_call_and_the_server_reaps_the_hit(
+    server: HitServer,
+) -> None:
+    if threading.current_thread() is not threading.main_thread():
+        pytest.skip("SIGINT raises KeyboardInterrupt on the main thread only")
+    with client_for(server) as client:
+        hit = client.hit()
+        sent: list[float] = []
+
+        def interrupt() -> None:
+            wait_for(lambda: any(h.state.value == "calling" for h in hits()))
+            sent.append(time.monotonic())
+            os.kill(os.getpid(), signal.SIGINT)
+
+        def hits() -> list[Any]:
+            return list(server.table.hits.values())
+
+        threading.Thread(target=interrupt).start()
+        with pytest.raises(KeyboardInterrupt):
+            hit.call("sleep", "3")
+        # Polls are 0.1 s slices; allow plenty for a loaded machine.
+        assert time.monotonic() - sent[0] < 1.5
+        assert hit.closed
+        # The CLOSE sent on the way out lets the server reap it after the call.
+        wait_for(lambda: len(server.table) == 0, timeout=15)
+        with client.hit() as again:
+            assert again.call("echo", b"x").bytes() == b"x"
+
+
+def test_cancelling_a_task_mid_call_ends_cleanly_and_the_server_reaps_the_hit(
+    server: HitServer,
+) -> None:
+    async def main() -> None:
+        async with AsyncClient(
+            "_t._tcp.z.", resolver=StaticResolver(server.endpoint)
+        ) as client:
+            opened: list[AsyncHit] = []
+
+            async def use() -> None:
+                hit = await client.open()
+                opened.append(hit)
+                await hit.call("sleep", "1.5")
+
+            task = asyncio.create_task(use())
+            deadline = time.monotonic() + 10
+            while not any(
+                h.state.value == "calling" for h in server.table.hits.values()
+            ):
+                assert time.monotonic() < deadline
+                await asyncio.sleep(0.02)
+            cancelled_at = time.monotonic()
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            assert time.monotonic() - cancelled_at < 1.5
+            assert opened[0].closed
+
+    asyncio.run(main())
+    wait_for(lambda: len(server.table) == 0, timeout=15)
+
+
+def test_an_async_hit_used_from_another_task_raises_wrong_thread(
+    server: HitServer,
+) -> None:
+    async def main() -> None:
+        async with AsyncClient(
+            "_t._tcp.z.", resolver=StaticResolver(server.endpoint)
+        ) as client:
+            async with client.hit() as hit:
+                with pytest.raises(WrongThread):
+                    await asyncio.create_task(hit.call("echo", b"x"))
+                assert (await hit.call("echo", b"mine")).bytes() == b"mine"
+
+    asyncio.run(main())
+
+
+def test_async_pings_to_a_gone_server_leave_no_unread_failed_futures(
+    server: HitServer,
+) -> None:
+    unread: list[dict[str, Any]] = []
+
+    async def main() -> None:
+        asyncio.get_running_loop().set_exception_handler(
+            lambda loop, context: unread.append(context)
+        )
+        async with AsyncClient(
+            "_t._tcp.z.",
+            resolver=StaticResolver(server.endpoint),
+            ping_interval=0.05,
+            liveness_timeout=1.0,
+        ) as client:
+            hit = await client.open()
+            closer = threading.Thread(target=lambda: (time.sleep(0.3), server.close()))
+            closer.start()
+            # Pings and the final CLOSE go out while nothing is connected.
+            with pytest.raises(HitLost):
+                await hit.call("sleep", "2")
+            closer.join(10)
+            gc.collect()
+            await asyncio.sleep(0.1)
+
+    asyncio.run(main())
+    gc.collect()
+    assert not unread, [c.get("message") for c in unread]
