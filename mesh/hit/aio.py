@@ -198,7 +198,7 @@ class AsyncClient:
             hit = AsyncHit(self, sock, session, endpoint)
             ok = True
             self._hits.add(hit)
-            log.info("Hit %#x opened on %s", session.hit_id, endpoint)
+            log.debug("Hit %#x opened on %s", session.hit_id, endpoint)
             return hit
         finally:
             if not ok:
@@ -429,4 +429,4 @@ class AsyncHit:
             session.state = ClientState.CLOSED
             self._sock = None
             sock.close(linger=LINGER_MS)
-        log.info("Hit %#x closed", self.hit_id)
+        log.debug("Hit %#x closed", self.hit_id)

@@ -369,7 +369,7 @@ class Client:
                 raise _Outcome(f"answered OPEN with {answer.kind.name}")
             hit = Hit(self, sock, session, endpoint)
             ok = True
-            log.info("Hit %#x opened on %s", session.hit_id, endpoint)
+            log.debug("Hit %#x opened on %s", session.hit_id, endpoint)
             self._hits.add(hit)
             return hit
         finally:
@@ -568,7 +568,7 @@ class Hit:
         finally:
             session.state = ClientState.CLOSED
             self._end()
-        log.info("Hit %#x closed", self.hit_id)
+        log.debug("Hit %#x closed", self.hit_id)
 
     def __enter__(self) -> Hit:
         return self

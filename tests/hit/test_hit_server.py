@@ -427,3 +427,26 @@ def test_async_pings_to_a_gone_server_leave_no_unread_failed_futures(
     asyncio.run(main())
     gc.collect()
     assert not unread, [c.get("message") for c in unread]
+
+
+def test_a_message_the_server_fails_on_is_dropped_and_the_loop_goes_on(
+    server: HitServer,
+    raw: Callable[[str], zmq.Socket[bytes]],
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    real = server.table.from_client
+    poisoned = protocol.encode_header(Kind.OPEN, 0, 77)
+
+    def from_client(peer: bytes, header: Any, now: float) -> Any:
+        # Stands for any bug a strange message could still reach.
+        if header.request_id == 77:
+            raise RuntimeError("a bug")
+        return real(peer, header, now)
+
+    monkeypatch.setattr(server.table, "from_client", from_client)
+    peer = raw(server.endpoint)
+    peer.send_multipart([poisoned, b"{}"])
+    with client_for(server) as client, client.hit() as hit:
+        assert hit.call("echo", b"still serving").bytes() == b"still serving"
+    assert "could not be handled" in caplog.text
