@@ -43,6 +43,7 @@ from mesh.errors import ConfigError
 __all__ = [
     "Curve",
     "MeshKeys",
+    "allow_key",
     "ServerAuth",
     "add_commands",
     "ensure_mesh_keys",
@@ -144,26 +145,53 @@ class Curve:
 class _AllowList:
     """The ZAP callback: is this client key in the allow-list directory?
 
-    The directory is read again whenever its mtime changes (adding or
-    removing a file changes it), so a key can be revoked without a restart.
+    Each handshake looks at the name, size, mtime and inode of every ``.key``
+    file, and the keys are read again when any of them changed, so a key
+    added, removed or overwritten takes effect for the next connection.
+    A file that cannot be read as a certificate is skipped with a warning;
+    nothing here may raise, since an exception would end pyzmq's ZAP thread
+    and, with it, every later handshake.
     """
 
     def __init__(self, directory: Path) -> None:
         self.directory = directory
         self._lock = threading.Lock()
-        self._stamp: int | None = None
-        self._keys: set[bytes] = set()
+        self._stamp: tuple[tuple[str, int, int, int], ...] | None = None
+        self._keys: frozenset[bytes] = frozenset()
 
-    def _current(self) -> set[bytes]:
+    def _scan(self) -> tuple[tuple[str, int, int, int], ...]:
+        entries = []
+        with os.scandir(self.directory) as it:
+            for entry in it:
+                if entry.name.endswith(".key") and entry.is_file():
+                    st = entry.stat()
+                    entries.append((entry.name, st.st_mtime_ns, st.st_size, st.st_ino))
+        return tuple(sorted(entries))
+
+    def _load(self, names: list[str]) -> frozenset[bytes]:
+        keys = set()
+        for name in names:
+            try:
+                public, _ = zmq.auth.load_certificate(self.directory / name)
+            except (OSError, ValueError) as exc:
+                log.warning(
+                    "skipping %s in the Curve allow-list: not a public key file (%s)",
+                    name,
+                    type(exc).__name__,
+                )
+                continue
+            keys.add(public)
+        return frozenset(keys)
+
+    def _current(self) -> frozenset[bytes]:
         try:
-            stamp = self.directory.stat().st_mtime_ns
+            stamp = self._scan()
         except OSError as exc:
             log.warning("Curve allow-list %s unreadable: %s", self.directory, exc)
-            return set()
+            return frozenset()
         with self._lock:
             if stamp != self._stamp:
-                keys = zmq.auth.load_certificates(self.directory)
-                self._keys = {k if isinstance(k, bytes) else k.encode() for k in keys}
+                self._keys = self._load([name for name, *_ in stamp])
                 self._stamp = stamp
                 log.debug(
                     "Curve allow-list %s: %d keys", self.directory, len(self._keys)
@@ -171,7 +199,11 @@ class _AllowList:
             return self._keys
 
     def callback(self, domain: str, key: bytes) -> bool:
-        allowed = key in self._current()
+        try:
+            allowed = key in self._current()
+        except Exception:
+            log.exception("Curve allow-list check failed; refusing the client")
+            return False
         if not allowed:
             log.debug(
                 "refused a Curve client with key %s (not in %s)",
@@ -230,6 +262,23 @@ def new_keypair(directory: str | os.PathLike[str], name: str) -> tuple[Path, Pat
     return public_path, secret_path
 
 
+def allow_key(public: Path, allow_dir: Path) -> Path:
+    """Copy a public key file into an allow-list directory, atomically.
+
+    A running server reads the directory at every handshake; it must never
+    see half a file.
+    """
+    allow_dir.mkdir(parents=True, exist_ok=True)
+    target = allow_dir / public.name
+    with tempfile.NamedTemporaryFile(
+        "wb", dir=allow_dir, prefix=".", suffix=".tmp", delete=False
+    ) as tmp:
+        tmp.write(public.read_bytes())
+    os.chmod(tmp.name, 0o644)
+    os.replace(tmp.name, target)
+    return target
+
+
 @dataclasses.dataclass(frozen=True)
 class MeshKeys:
     """The keys `mesh up` runs a local mesh with.
@@ -268,7 +317,7 @@ def ensure_mesh_keys(directory: str | os.PathLike[str]) -> MeshKeys:
         new_keypair(keys.directory, "server")
     allowed = keys.allow_dir / public.name
     if not allowed.exists():
-        shutil.copyfile(public, allowed)
+        allow_key(public, keys.allow_dir)
     return keys
 
 
@@ -318,8 +367,5 @@ def _keys_new(args: argparse.Namespace) -> int:
     print(f"public key: {public}")
     print(f"secret key: {secret}")
     if args.allow_dir:
-        allow = Path(args.allow_dir)
-        allow.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(public, allow / public.name)
-        print(f"allowed:    {allow / public.name}")
+        print(f"allowed:    {allow_key(public, Path(args.allow_dir))}")
     return 0

@@ -216,3 +216,28 @@ def test_member_that_may_become_master_needs_the_servers_pair(
     PoolMember(
         "p", settings, demo_handler("127.0.0.1"), directory=None, eligible=False
     ).close()
+
+
+def test_a_broken_allow_list_file_is_skipped_not_fatal(keys: Keys) -> None:
+    with HitServer(BlobStore, curve=keys.curve("server")) as server:
+        (keys.allow / "half.key").write_text("")
+        (keys.allow / "junk.key").write_bytes(b"\x00\xff not a certificate")
+        with _client(server, keys.curve("client")) as client, client.hit() as hit:
+            hit.call("count")
+    # The server stopped (ZAP thread included) without hanging.
+    assert server.wait(5.0)
+
+
+def test_a_key_overwritten_in_place_is_revoked(keys: Keys) -> None:
+    with HitServer(BlobStore, curve=keys.curve("server")) as server:
+        with _client(server, keys.curve("client")) as client:
+            with client.hit() as hit:
+                hit.call("count")
+            # Same file name, other key: the directory's mtime need not change.
+            (keys.allow / "client.key").write_bytes(
+                (keys.dir / "stranger.key").read_bytes()
+            )
+            with pytest.raises(NoTargetAvailable):
+                client.hit()
+        with _client(server, keys.curve("stranger")) as client, client.hit() as hit:
+            hit.call("count")
