@@ -241,3 +241,53 @@ def test_a_key_overwritten_in_place_is_revoked(keys: Keys) -> None:
                 client.hit()
         with _client(server, keys.curve("stranger")) as client, client.hit() as hit:
             hit.call("count")
+
+
+@pytest.mark.slow
+def test_a_refused_member_says_so_and_never_votes_the_master_out(
+    keys: Keys, tmp_path: Path
+) -> None:
+    import time
+
+    run = tmp_path / "run"
+    env = dict(
+        os.environ,
+        MESH_CURVE_SECRET_KEY=str(keys.dir / "server.key_secret"),
+        MESH_CURVE_ALLOW_DIR=str(keys.allow),
+        MESH_HEARTBEAT_INTERVAL="0.1",
+    )
+    argv = [sys.executable, "-m", "mesh.pool.member", "--pool", "p"]
+    argv += ["--host", "127.0.0.9", "--runtime-dir", str(run)]
+    argv += ["--directory-dir", str(tmp_path / "directory")]
+    master = subprocess.Popen(argv, env=env, stderr=subprocess.DEVNULL)
+    stranger = None
+    try:
+        record = run / "p.master"
+        deadline = time.monotonic() + 20
+        while not record.exists():
+            assert time.monotonic() < deadline, "no master"
+            time.sleep(0.1)
+        # The stranger is the whole electorate: had it voted, it would kill.
+        stranger = PoolMember(
+            "p",
+            keys.settings("stranger", runtime_dir=run, heartbeat_interval=0.1),
+            demo_handler("127.0.0.9"),
+            "127.0.0.9",
+            directory=None,
+            eligible=False,
+        )
+        stranger.start()
+        time.sleep(2.0)  # five liveness windows
+        assert master.poll() is None, "the refused member killed the master"
+        assert not list((run / "p.votes").iterdir())
+        with pytest.raises(MasterUnavailable, match="refused this member's Curve key"):
+            stranger.broadcast(b"x", timeout=1.0)
+        # Allowed later, it joins without a restart.
+        shutil.copy(keys.dir / "stranger.key", keys.allow)
+        assert stranger.wait_for_master(10.0)
+        assert stranger.broadcast(b"hi", timeout=5.0).counts[Outcome.REPLIED] == 2
+    finally:
+        if stranger is not None:
+            stranger.close()
+        master.kill()
+        master.wait(10)

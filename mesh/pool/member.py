@@ -57,6 +57,7 @@ from collections.abc import Callable
 from typing import Any
 
 import zmq
+from zmq.utils.monitor import recv_monitor_message
 
 from mesh.config import Settings
 from mesh.curve import Curve, ServerAuth
@@ -196,6 +197,10 @@ class PoolMember:
         self._problem = "no master yet"
         self._hung = False
         self._send_blocked = False
+        # With Curve, a monitor on the dealer tells a refused key apart from a
+        # silent master: libzmq reports the failed handshake to the client.
+        self._monitor: zmq.Socket[bytes] | None = None
+        self._key_refused_at: float | None = None
         # SimpleQueue: its put wakes the worker without a Python-level Condition,
         # which was the member thread's hottest line on the request path.
         self._jobs: queue.SimpleQueue[tuple[str, bytes] | None] = queue.SimpleQueue()
@@ -400,6 +405,9 @@ class PoolMember:
                 with contextlib.suppress(zmq.ZMQError):
                     dealer.send_multipart([b"BYE"], zmq.NOBLOCK)
                 dealer.close(linger=100)
+            if self._monitor is not None:
+                self._monitor.close(linger=0)
+                self._monitor = None
             if self._master is not None:
                 self._master.stop()
                 self._master = None
@@ -449,25 +457,39 @@ class PoolMember:
                     if calls:
                         self._master_lost(calls, "master of this host changed", now)
                     if dealer is not None:
-                        poller.unregister(dealer)
-                        dealer.close(linger=0)
+                        self._disconnect(dealer, poller)
                         dealer = None
                     # The new master has no route for them.
                     answers.clear()
                     self._master_ok.clear()
                     self._hung = False
+                    self._key_refused_at = None
                     if record is not None:
-                        dealer = self._connect(record)
-                        poller.register(dealer, zmq.POLLIN)
+                        dealer = self._connect(record, poller)
                         self._epoch = record.epoch
                         election.prune_votes(record.epoch)
                 alive = record is not None and process_alive(
                     record.pid, record.start_time
                 )
                 state = watch.state(now, alive)
+                refused = self._key_refused_at
                 if state is MasterState.HEALTHY:
                     self._master_ok.set()
                     self._hung = False
+                elif refused is not None and record is not None:
+                    self._master_ok.clear()
+                    self._problem = (
+                        f"the master of pool {self.pool!r} on {self.host} refused "
+                        "this member's Curve key: is its public key in the "
+                        "master's allow-list (MESH_CURVE_ALLOW_DIR)?"
+                    )
+                    # A master that refuses us is not hung: no vote. libzmq
+                    # does not retry a refused handshake, so we do, now and
+                    # then, in case the key has been allowed since.
+                    if dealer is not None and now - refused > self.liveness_timeout:
+                        self._disconnect(dealer, poller)
+                        dealer = self._connect(record, poller)
+                    state = MasterState.CONNECTING
                 else:
                     self._master_ok.clear()
                     self._problem = f"master state {state.value}"
@@ -506,6 +528,8 @@ class PoolMember:
             wait = max(0.0, wake_at - time.monotonic())
             ready = dict(poller.poll(int(wait * 1000) + 1))
             now = time.monotonic()
+            if self._monitor is not None and self._monitor in ready:
+                self._on_monitor(self._monitor, now)
             if dealer is not None and dealer in ready:
                 while True:
                     try:
@@ -615,14 +639,19 @@ class PoolMember:
             raise PoolError(f"unknown directory {spec!r}")
         return spec
 
-    def _connect(self, record: MasterRecord) -> zmq.Socket[bytes]:
+    def _connect(self, record: MasterRecord, poller: zmq.Poller) -> zmq.Socket[bytes]:
         dealer: zmq.Socket[bytes] = self._context.socket(zmq.DEALER)
         dealer.setsockopt(zmq.LINGER, 0)
         dealer.setsockopt(zmq.IDENTITY, self.info.id.encode())
         dealer.setsockopt(zmq.IPV6, 1)
         if self.curve is not None:
             self.curve.client(dealer)
+            self._monitor = dealer.get_monitor_socket(
+                zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_HANDSHAKE_SUCCEEDED
+            )
+            poller.register(self._monitor, zmq.POLLIN)
         dealer.connect(record.endpoint)
+        poller.register(dealer, zmq.POLLIN)
         log.info(
             "member %s follows master pid %d of pool %r (epoch %d)",
             self.info.id,
@@ -631,6 +660,32 @@ class PoolMember:
             record.epoch,
         )
         return dealer
+
+    def _disconnect(self, dealer: zmq.Socket[bytes], poller: zmq.Poller) -> None:
+        poller.unregister(dealer)
+        if self._monitor is not None:
+            poller.unregister(self._monitor)
+            dealer.disable_monitor()
+            self._monitor.close(linger=0)
+            self._monitor = None
+        dealer.close(linger=0)
+
+    def _on_monitor(self, monitor: zmq.Socket[bytes], now: float) -> None:
+        while True:
+            try:
+                event = recv_monitor_message(monitor, zmq.NOBLOCK)["event"]
+            except zmq.Again:
+                return
+            if event == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
+                if self._key_refused_at is None:
+                    log.warning(
+                        "member %s: the master of pool %r refused our Curve key",
+                        self.info.id,
+                        self.pool,
+                    )
+                self._key_refused_at = now
+            elif event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+                self._key_refused_at = None
 
     def _on_hung(
         self,
