@@ -300,6 +300,9 @@ class MeshKeys:
         return {
             "MESH_CURVE_SECRET_KEY": str(self.directory / "server.key_secret"),
             "MESH_CURVE_ALLOW_DIR": str(self.allow_dir),
+            # The default, said aloud: a user who swaps in a client pair of
+            # their own keeps the right server key.
+            "MESH_CURVE_SERVER_KEY": str(self.directory / "server.key"),
         }
 
 

@@ -196,10 +196,20 @@ def no_target_error(
 def no_connection(timeout: float, curve: Curve | None) -> str:
     """Why an OPEN could not even be sent: the words a user needs to act."""
     text = f"no connection within {timeout:g} s (refused or unreachable"
-    if curve is not None:
-        # libzmq gives the client no error when the server's ZAP handler
-        # refuses its key: the handshake just never completes.
-        text += ", or the server refused this client's Curve key: is its public key in the server's allow-list?"
+    # A refused Curve handshake looks the same from here: the socket never
+    # becomes ready to send. Name the likely cause rather than guess less.
+    if curve is None:
+        text += ", or the server requires Curve and this client has no key"
+    elif curve.server_public == curve.public:
+        text += (
+            ", or a Curve mismatch: MESH_CURVE_SERVER_KEY is not set, so this "
+            "client expects the servers to use its own keypair"
+        )
+    else:
+        text += (
+            ", or the server refused this client's Curve key: is its public "
+            "key in the server's allow-list?"
+        )
     return text + ")"
 
 
