@@ -62,8 +62,12 @@ def settings_from_args(args: argparse.Namespace, **extra: Any) -> Settings:
     )
 
 
-def log_level(verbose: int, env: Mapping[str, str] | None = None) -> int:
-    """INFO, or ``MESH_LOG_LEVEL`` when set; each ``-v`` is one level more.
+def log_level(
+    verbose: int, env: Mapping[str, str] | None = None, default: int = logging.INFO
+) -> int:
+    """``default`` (INFO), or ``MESH_LOG_LEVEL`` when set; each ``-v`` is one
+    level more. Commands that print a report of their own (``mesh workload``,
+    ``mesh broadcast``) default to WARNING, so the report is not buried.
 
     ``mesh up`` sets ``MESH_LOG_LEVEL=WARNING`` for the processes it starts,
     so a demo's terminal shows problems rather than every Hit.
@@ -71,7 +75,7 @@ def log_level(verbose: int, env: Mapping[str, str] | None = None) -> int:
     text = (os.environ if env is None else env).get("MESH_LOG_LEVEL", "")
     base = logging.getLevelName(text.strip().upper()) if text.strip() else None
     if not isinstance(base, int):
-        base = logging.INFO
+        base = default
     return max(logging.DEBUG, base - 10 * verbose)
 
 
@@ -89,7 +93,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    level = log_level(getattr(args, "verbose", 0))
+    level = log_level(
+        getattr(args, "verbose", 0), default=getattr(args, "log_default", logging.INFO)
+    )
     logging.basicConfig(
         level=level,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",

@@ -530,4 +530,4 @@ def add_commands(sub: argparse._SubParsersAction[Any]) -> None:
         help="seconds to keep trying until every host is reached (20)",
     )
     add_settings_arguments(p)
-    p.set_defaults(func=_cmd_workload)
+    p.set_defaults(func=_cmd_workload, log_default=logging.WARNING)

@@ -75,3 +75,16 @@ def test_responder_settings_defaults_and_environment() -> None:
 def test_bad_responder_settings_are_named(name: str, value: str, match: str) -> None:
     with pytest.raises(ConfigError, match=match):
         Settings.load(env={name: value})
+
+
+def test_report_commands_default_to_warning_unless_told() -> None:
+    import logging
+
+    from mesh.cli import build_parser, log_level
+
+    for argv in (["workload"], ["broadcast", "--pool", "p", "x"]):
+        args = build_parser().parse_args(argv)
+        assert log_level(0, {}, args.log_default) == logging.WARNING
+        assert log_level(1, {}, args.log_default) == logging.INFO
+        assert log_level(0, {"MESH_LOG_LEVEL": "DEBUG"}, args.log_default) == 10
+    assert log_level(0, {}) == logging.INFO

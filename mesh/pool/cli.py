@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 from typing import Any
 
@@ -32,7 +33,7 @@ def add_commands(sub: argparse._SubParsersAction[Any]) -> None:
     )
     bcast.add_argument("payload", help="the request, sent as UTF-8")
     add_settings_arguments(bcast)
-    bcast.set_defaults(func=_broadcast)
+    bcast.set_defaults(func=_broadcast, log_default=logging.WARNING)
 
     run = sub.add_parser(
         "pool-member", help="run one demo pool member until SIGTERM/SIGINT"
