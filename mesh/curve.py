@@ -88,6 +88,8 @@ class Curve:
     secret: bytes
     server_public: bytes
     allow_dir: Path | None = None
+    #: True when curve_server_key was given, False when it defaulted to ours.
+    server_key_given: bool = False
 
     def __repr__(self) -> str:
         # The secret stays out of every repr, log line and traceback.
@@ -112,7 +114,13 @@ class Curve:
         allow_dir = settings.curve_allow_dir
         if allow_dir is not None and not allow_dir.is_dir():
             raise ConfigError(f"Curve allow-list directory {allow_dir} does not exist")
-        return cls(public, secret, server_public, allow_dir)
+        return cls(
+            public,
+            secret,
+            server_public,
+            allow_dir,
+            settings.curve_server_key is not None,
+        )
 
     def allow_list(self) -> Path:
         """The allow-list directory; a :class:`ConfigError` when there is none."""

@@ -291,3 +291,16 @@ def test_a_refused_member_says_so_and_never_votes_the_master_out(
             stranger.close()
         master.kill()
         master.wait(10)
+
+
+def test_no_connection_names_the_likely_curve_cause(keys: Keys) -> None:
+    from mesh.hit.client import no_connection
+
+    assert "requires Curve" in no_connection(2.0, None)
+    assert "allow-list" in no_connection(2.0, keys.curve("client"))
+    own = Curve.from_settings(Settings(curve_secret_key=keys.dir / "client.key_secret"))
+    assert "MESH_CURVE_SERVER_KEY is not set" in no_connection(2.0, own)
+    # Given explicitly, even when it is our own key (mesh up), it is set.
+    server = keys.curve("server")
+    assert server.public == server.server_public
+    assert "MESH_CURVE_SERVER_KEY is not set" not in no_connection(2.0, server)

@@ -291,13 +291,12 @@ async def _receive(
         timeout_ms = int(min(step.timeout, SLICE) * 1000) + 1
         if not await sock.poll(timeout_ms):
             continue
-        # Bounded too: under load, with the peer just killed, the asyncio
-        # poll reported a message that the recv then waited for forever.
+        # Never a blocking recv here: under load, with the peer just killed,
+        # the asyncio poll reported a message that a recv then waited for
+        # forever.
         try:
-            frames = await asyncio.wait_for(
-                sock.recv_multipart(copy=False), max(step.timeout, 0.001)
-            )
-        except TimeoutError:
+            frames = await sock.recv_multipart(zmq.NOBLOCK, copy=False)
+        except zmq.Again:
             continue
         try:
             message = protocol.decode(frames)

@@ -200,7 +200,7 @@ def no_connection(timeout: float, curve: Curve | None) -> str:
     # becomes ready to send. Name the likely cause rather than guess less.
     if curve is None:
         text += ", or the server requires Curve and this client has no key"
-    elif curve.server_public == curve.public:
+    elif not curve.server_key_given:
         text += (
             ", or a Curve mismatch: MESH_CURVE_SERVER_KEY is not set, so this "
             "client expects the servers to use its own keypair"

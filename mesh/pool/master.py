@@ -296,6 +296,8 @@ class Master:
         # (kept here too: a settled route may leave _routes before the flush).
         self._outbox: dict[str, tuple[_Route, list[bytes]]] = {}
         self._resolve_now = True
+        # When each broadcast's events first met a full queue, for _flush.
+        self._full_since: dict[str, float] = {}
 
     # -- lifecycle --------------------------------------------------------------
 
@@ -1005,13 +1007,16 @@ class Master:
     def _flush(self) -> None:
         """Send every gathered event, one message per broadcast.
 
-        A full queue is retried on the next turn, until the route expires;
-        only then, or when the receiver is gone, are the events dropped, and
-        never without a warning: the issuer is left to time those members out.
+        A full queue is retried on the next turn, for one liveness window at
+        most (a receiver that reads nothing that long is as good as gone, and
+        the retries keep this loop awake); only then, or when the receiver is
+        gone, are the events dropped, and never without a warning: the issuer
+        is left to time those members out.
         """
         outbox, self._outbox = self._outbox, {}
         now = time.monotonic()
         for bid, (route, events) in outbox.items():
+            full_since = self._full_since.pop(bid, now)
             frames = [b"EV", bid.encode(), *events]
             if route.issuer is not None:
                 error = self._send_local(route.issuer, frames)
@@ -1021,9 +1026,11 @@ class Master:
                 receiver = f"the master of {route.origin_host}"
             if error is None:
                 continue
-            if isinstance(error, _QueueFull) and now < route.expires:
+            retry_until = min(route.expires, full_since + self.liveness_timeout)
+            if isinstance(error, _QueueFull) and now < retry_until:
                 # Ahead of anything gathered since, to keep the order.
                 self._outbox.setdefault(bid, (route, []))[1][:0] = events
+                self._full_since[bid] = full_since
             elif route.issuer is not None and not isinstance(error, _QueueFull):
                 # The issuer left: nobody waits for this broadcast any more.
                 log.info("issuer of %s is gone (%s); dropping its route", bid, error)

@@ -335,8 +335,6 @@ class PoolMember:
         if self._started:
             self._thread.join(timeout)
             self._worker.join(timeout)
-        if self._auth is not None:
-            self._auth.stop()
         self._context.term()
         if not self._thread.is_alive():
             os.close(self._wake_r)
@@ -411,6 +409,10 @@ class PoolMember:
             if self._master is not None:
                 self._master.stop()
                 self._master = None
+            if self._auth is not None:
+                # Here, on the thread that started it: its pipe is ours.
+                self._auth.stop()
+                self._auth = None
             if election is not None:
                 election.release()
                 election.leave()
@@ -489,6 +491,8 @@ class PoolMember:
                     if dealer is not None and now - refused > self.liveness_timeout:
                         self._disconnect(dealer, poller)
                         dealer = self._connect(record, poller)
+                        # The next try in a window's time, whatever comes of it.
+                        self._key_refused_at = now
                     state = MasterState.CONNECTING
                 else:
                     self._master_ok.clear()
