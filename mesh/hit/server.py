@@ -292,8 +292,9 @@ class HitServer:
 
     # -- control, from any thread ------------------------------------------
 
-    def start(self, timeout: float = 10.0) -> HitServer:
-        """Run the front loop on a background thread; return once bound."""
+    def start(self, timeout: float = 30.0) -> HitServer:
+        """Run the front loop on a background thread; return once bound and,
+        with a registrar, registered (its retries take up to its budget)."""
         self._thread = threading.Thread(
             target=self.serve_forever, name="hit-front", daemon=True
         )
@@ -348,12 +349,14 @@ class HitServer:
         try:
             try:
                 self._bind(front, back)
+                # Before start() returns: a caller that starts a server and
+                # at once resolves its name must find it (a test did not).
+                self._register()
             except BaseException as exc:
                 self._startup_error = exc
                 raise
             finally:
                 self._ready.set()
-            self._register()
             self._loop(front, back)
             self._shutdown(front, back)
         finally:
