@@ -35,8 +35,8 @@ from mesh.hit.client import (
     _PassFailed,
     answer_or_raise,
     call_frames,
+    connect_hit_socket,
     frames_size,
-    hit_routing_id,
     no_connection,
     no_target_error,
 )
@@ -167,15 +167,7 @@ class AsyncClient:
         sock = self.context().socket(zmq.DEALER)
         ok = False
         try:
-            sock.setsockopt(zmq.LINGER, 0)
-            sock.setsockopt(zmq.IMMEDIATE, 1)
-            sock.setsockopt(zmq.ROUTING_ID, hit_routing_id())
-            sock.setsockopt(zmq.MAXMSGSIZE, opts.max_message_size + 64 * 1024)
-            if "[" in endpoint:
-                sock.setsockopt(zmq.IPV6, 1)
-            if self.curve is not None:
-                self.curve.client(sock)
-            sock.connect(endpoint)
+            connect_hit_socket(sock, endpoint, opts, self.curve)
             session = ClientSession(opts.ping_interval, opts.liveness_timeout)
             start = time.monotonic()
             request_id = session.request(Kind.OPEN, start, opts.open_timeout)

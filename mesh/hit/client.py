@@ -213,6 +213,22 @@ def no_connection(timeout: float, curve: Curve | None) -> str:
     return text + ")"
 
 
+def connect_hit_socket(
+    sock: zmq.Socket[Any], endpoint: str, opts: HitOptions, curve: Curve | None
+) -> None:
+    """Set up one Hit's DEALER (both clients) and connect it to ``endpoint``."""
+    sock.setsockopt(zmq.LINGER, 0)
+    # Nothing is queued for a peer that is not connected (C20).
+    sock.setsockopt(zmq.IMMEDIATE, 1)
+    sock.setsockopt(zmq.ROUTING_ID, hit_routing_id())
+    sock.setsockopt(zmq.MAXMSGSIZE, opts.max_message_size + 64 * 1024)
+    if "[" in endpoint:
+        sock.setsockopt(zmq.IPV6, 1)
+    if curve is not None:
+        curve.client(sock)
+    sock.connect(endpoint)
+
+
 @dataclasses.dataclass
 class HitOptions:
     """The knobs one Hit needs, copied from its client."""
@@ -348,15 +364,7 @@ class Client:
         sock = self.context().socket(zmq.DEALER)
         ok = False
         try:
-            sock.setsockopt(zmq.LINGER, 0)
-            sock.setsockopt(zmq.IMMEDIATE, 1)
-            sock.setsockopt(zmq.ROUTING_ID, hit_routing_id())
-            sock.setsockopt(zmq.MAXMSGSIZE, opts.max_message_size + 64 * 1024)
-            if "[" in endpoint:
-                sock.setsockopt(zmq.IPV6, 1)
-            if self.curve is not None:
-                self.curve.client(sock)
-            sock.connect(endpoint)
+            connect_hit_socket(sock, endpoint, opts, self.curve)
             session = ClientSession(opts.ping_interval, opts.liveness_timeout)
             start = time.monotonic()
             deadline = start + opts.open_timeout
